@@ -1,0 +1,31 @@
+# CipherMQ — every target installs what it needs first, so a fresh clone needs only `make`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+HOST   ?= 127.0.0.1
+PORT   ?= 5672
+KEYS   ?= keys
+
+.PHONY: install run-server test lint clean keys
+
+install: $(VENV)/.installed
+
+# Re-installs when the package metadata changes; the editable install makes code edits live.
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+run-server: install
+	$(PY) -m ciphermq.server --host $(HOST) --port $(PORT) $(ARGS)
+
+test: install
+	$(PY) -m pytest $(ARGS)
+
+lint: install
+	$(PY) -m pip install --quiet --disable-pip-version-check ruff
+	$(VENV)/bin/ruff check ciphermq bin tests bench
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
