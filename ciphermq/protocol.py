@@ -1,0 +1,254 @@
+"""The wire protocol: line framing, command parsing, envelope validation, replies.
+
+Pure functions and one small stateful framer -- no sockets, no threads -- so
+every rule of the protocol can be read (and tested) in one place.
+
+The protocol is UTF-8 text, one command per line.  A line ends in ``\\n``
+(``\\r\\n`` is accepted).  Framing is by newline only: one ``recv`` may hold
+many commands, and one command may arrive in many ``recv`` calls.
+"""
+import json
+import re
+
+from .errors import ProtocolError
+
+#: Default limit on one command line (bytes, terminator excluded).
+DEFAULT_MAX_LINE_BYTES = 4 * 1024 * 1024
+
+#: Queue, exchange and message-id names: echoed into replies and log lines,
+#: so nothing but these characters may pass.
+NAME_PATTERN = rb"[A-Za-z0-9._:-]{1,128}"
+_NAME = re.compile(NAME_PATTERN)
+#: Routing keys as published: dot-separated words.
+_ROUTING_KEY = re.compile(rb"[A-Za-z0-9._:-]{1,255}")
+#: Binding keys may also use the topic wildcards ``*`` (one word) and ``#`` (zero or more).
+_BINDING_KEY = re.compile(rb"[A-Za-z0-9._:*#-]{1,255}")
+
+EXCHANGE_TYPES = ("direct", "fanout", "topic")
+#: The fields every envelope must carry, all strings (see docs/PROTOCOL.md).
+ENVELOPE_FIELDS = ("message_id", "enc_session_key", "nonce", "tag", "ciphertext")
+#: Added by the broker to every pushed copy; never accepted from a publisher.
+DELIVERY_COUNT = "delivery_count"
+MAX_PREFETCH = 65535
+
+
+class LineTooLong:
+    """Marker yielded by :class:`LineFramer` in place of a line over the limit."""
+
+    def __init__(self, limit):
+        self.limit = limit
+
+
+class LineFramer:
+    """Turns a byte stream into complete lines.
+
+    ``feed(data)`` returns the lines completed by ``data`` (without the
+    terminator).  A line longer than the limit is replaced by one
+    :class:`LineTooLong` marker as soon as the limit is crossed, and the rest
+    of it is discarded up to its newline -- so memory stays bounded and the
+    connection stays usable.  Not thread-safe: one framer per connection,
+    used by that connection's reader only.
+    """
+
+    def __init__(self, max_line_bytes=DEFAULT_MAX_LINE_BYTES):
+        self.max_line_bytes = max_line_bytes
+        self._parts = []        # pieces of the unfinished line
+        self._size = 0          # total bytes in _parts
+        self._discarding = False
+
+    @property
+    def buffered(self):
+        """Bytes of an unfinished line held in memory."""
+        return self._size
+
+    def feed(self, data):
+        """Add received bytes; return the lines they complete, in order."""
+        pieces = data.split(b"\n")
+        if len(pieces) == 1:                    # no newline: the line goes on
+            self._add_partial(data)
+            return self._take_overflow()
+        first = pieces[0]
+        lines = []
+        if self._discarding:                    # the over-long line ends here
+            self._discarding = False
+        else:
+            if self._parts:
+                self._parts.append(first)
+                first = b"".join(self._parts)
+            lines.append(self._checked(first))
+        self._parts, self._size = [], 0
+        for line in pieces[1:-1]:
+            lines.append(self._checked(line))
+        self._add_partial(pieces[-1])
+        lines.extend(self._take_overflow())
+        return lines
+
+    def _checked(self, line):
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if len(line) > self.max_line_bytes:
+            return LineTooLong(self.max_line_bytes)
+        return line
+
+    def _add_partial(self, data):
+        if data and not self._discarding:
+            self._parts.append(data)
+            self._size += len(data)
+
+    def _take_overflow(self):
+        # An unfinished line already over the limit (+1 for a possible "\r").
+        if self._size > self.max_line_bytes + 1:
+            self._parts, self._size = [], 0
+            self._discarding = True
+            return [LineTooLong(self.max_line_bytes)]
+        return []
+
+
+# -- parsing ---------------------------------------------------------------
+
+def split_command(line):
+    """Split a line into ``(verb, args)``; ``verb`` is a str, ``args`` the raw rest.
+
+    Returns ``(None, b"")`` for a blank line.  Raises :class:`ProtocolError`
+    for NUL bytes and invalid UTF-8 in the verb.
+    """
+    if b"\x00" in line:
+        raise ProtocolError("NUL byte in command")
+    parts = line.split(None, 1)
+    if not parts:
+        return None, b""
+    verb = parts[0]
+    try:
+        verb_text = verb.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("invalid UTF-8 in command") from None
+    return verb_text, parts[1] if len(parts) > 1 else b""
+
+
+def split_args(args, usage, minimum, maximum=None):
+    """Split plain (non-JSON) arguments on whitespace and check their count."""
+    words = args.split()
+    if not minimum <= len(words) <= (minimum if maximum is None else maximum):
+        raise ProtocolError("usage: %s" % usage)
+    return words
+
+
+def parse_name(raw, what):
+    """Validate a queue, exchange or message-id name and return it as str."""
+    if not _NAME.fullmatch(raw):
+        raise ProtocolError("invalid %s name %s (1-128 of A-Z a-z 0-9 . _ : -)"
+                            % (what, quote(raw)))
+    return raw.decode("ascii")
+
+
+def parse_routing_key(raw, binding=False):
+    pattern = _BINDING_KEY if binding else _ROUTING_KEY
+    if not pattern.fullmatch(raw):
+        raise ProtocolError("invalid routing key %s" % quote(raw))
+    return raw.decode("ascii")
+
+
+def parse_exchange_type(raw):
+    kind = raw.decode("ascii", "replace")
+    if kind not in EXCHANGE_TYPES:
+        raise ProtocolError("unknown exchange type %s (direct, fanout or topic)" % quote(raw))
+    return kind
+
+
+def parse_prefetch(raw):
+    if not raw.isdigit() or len(raw) > 5 or int(raw) > MAX_PREFETCH:
+        raise ProtocolError("prefetch must be an integer from 0 to %d" % MAX_PREFETCH)
+    return int(raw)
+
+
+def parse_publish(args):
+    """Parse ``<exchange> <routing_key> <json>``; return (exchange, key, message_id, body).
+
+    ``body`` is the envelope's JSON object as bytes, exactly as received
+    (unless it carried a ``delivery_count``, which only the broker may set),
+    so delivery never re-serialises the publisher's JSON.
+    """
+    parts = args.split(None, 2)
+    if len(parts) < 3:
+        raise ProtocolError("usage: publish <exchange> <routing_key> <json>")
+    exchange = parse_name(parts[0], "exchange")
+    routing_key = parse_routing_key(parts[1])
+    message_id, body = parse_envelope(parts[2].rstrip())
+    return exchange, routing_key, message_id, body
+
+
+def parse_envelope(raw):
+    """Validate an envelope's JSON text; return ``(message_id, body_bytes)``."""
+    if not (raw.startswith(b"{") and raw.endswith(b"}")):
+        raise ProtocolError("envelope must be a JSON object")
+    try:
+        envelope = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ProtocolError("invalid UTF-8 in envelope") from None
+    except RecursionError:
+        raise ProtocolError("invalid JSON: nested too deeply") from None
+    except ValueError as exc:
+        raise ProtocolError("invalid JSON: %s at position %d" % (exc.msg, exc.pos)) from None
+    if not isinstance(envelope, dict):
+        raise ProtocolError("envelope must be a JSON object")
+    for field in ENVELOPE_FIELDS:
+        value = envelope.get(field)
+        if value is None:
+            raise ProtocolError("missing field '%s'" % field)
+        if not isinstance(value, str):
+            raise ProtocolError("field '%s' must be a string" % field)
+    message_id = envelope["message_id"]
+    if not _NAME.fullmatch(message_id.encode("utf-8", "replace")):
+        raise ProtocolError("invalid message_id (1-128 of A-Z a-z 0-9 . _ : -)")
+    if DELIVERY_COUNT in envelope:
+        del envelope[DELIVERY_COUNT]
+        raw = json.dumps(envelope, separators=(", ", ": ")).encode("utf-8")
+    return message_id, raw
+
+
+def quote(raw, limit=40):
+    """A short, printable rendering of untrusted bytes for an error message."""
+    text = raw[:limit].decode("utf-8", "replace")
+    text = "".join(ch if ch.isprintable() else "?" for ch in text)
+    return "'%s%s'" % (text, "..." if len(raw) > limit else "")
+
+
+# -- replies ---------------------------------------------------------------
+
+QUEUE_DECLARED = b"Queue declared\n"
+EXCHANGE_DECLARED = b"Exchange declared\n"
+QUEUE_BOUND = b"Queue bound\n"
+SUBSCRIBED = b"Subscribed to queue\n"
+NO_MESSAGES = b"No messages\n"
+PONG = b"PONG\n"
+
+
+def ack_reply(message_id):
+    return b"ACK %s\n" % message_id.encode("ascii")
+
+
+def ack_confirmed_reply(message_id):
+    return b"ACK_CONFIRMED %s\n" % message_id.encode("ascii")
+
+
+def nack_confirmed_reply(message_id):
+    return b"NACK_CONFIRMED %s\n" % message_id.encode("ascii")
+
+
+def error_reply(text):
+    """``Error: <text>`` -- one line, whatever the text holds."""
+    return b"Error: %s\n" % " ".join(str(text).split()).encode("utf-8", "replace")
+
+
+def message_line(message_id, body, delivery_count):
+    """``Message: <id> <json>`` with ``delivery_count`` added to the envelope.
+
+    ``body`` is a JSON object ending in ``}``; the field is spliced in before
+    that brace instead of parsing and re-serialising the envelope.
+    """
+    return b"Message: %s %s, \"delivery_count\": %d}\n" % (
+        message_id.encode("ascii"), body[:-1], delivery_count)
+
+
+def stats_reply(stats):
+    return json.dumps(stats, separators=(",", ":"), sort_keys=True).encode("ascii") + b"\n"

@@ -1,0 +1,133 @@
+"""The wire protocol's pure parts: framing, parsing, replies."""
+import json
+
+import pytest
+
+from ciphermq import protocol
+from ciphermq.errors import ProtocolError
+
+
+def feed_all(framer, chunks):
+    lines = []
+    for chunk in chunks:
+        lines.extend(framer.feed(chunk))
+    return lines
+
+
+def test_several_commands_in_one_chunk_are_several_lines():
+    """Framing is by newline: one recv holding three commands yields three lines."""
+    framer = protocol.LineFramer()
+    assert framer.feed(b"ping\nstats\r\nping\n") == [b"ping", b"stats", b"ping"]
+
+
+def test_one_command_split_into_single_bytes_is_one_line():
+    """A command arriving one byte per recv is reassembled exactly once."""
+    framer = protocol.LineFramer()
+    data = b"declare_queue q1\n"
+    assert feed_all(framer, [data[i:i + 1] for i in range(len(data))]) == [b"declare_queue q1"]
+    assert framer.buffered == 0
+
+
+def test_long_line_within_limit_passes():
+    """Lines far longer than 1024 bytes are fine up to the configured limit."""
+    framer = protocol.LineFramer(max_line_bytes=100_000)
+    line = b"x" * 100_000
+    assert feed_all(framer, [line[:70_000], line[70_000:] + b"\n"]) == [line]
+
+
+def test_over_long_line_reported_once_then_framing_resumes():
+    """An over-long line yields one LineTooLong, is discarded, and the next line is intact."""
+    framer = protocol.LineFramer(max_line_bytes=10)
+    out = feed_all(framer, [b"a" * 8, b"a" * 8, b"a" * 50, b"aaa\nping\n"])
+    assert len(out) == 2
+    assert isinstance(out[0], protocol.LineTooLong)
+    assert out[1] == b"ping"
+    assert framer.buffered == 0
+
+
+def test_over_long_line_in_one_chunk_is_reported():
+    """A complete over-long line inside one chunk is refused too, neighbours untouched."""
+    framer = protocol.LineFramer(max_line_bytes=4)
+    out = framer.feed(b"ping\n123456789\nping\n")
+    assert out[0] == b"ping" and out[2] == b"ping"
+    assert isinstance(out[1], protocol.LineTooLong)
+
+
+def test_memory_stays_bounded_while_discarding():
+    """While an endless line streams in, the framer holds no more than the limit."""
+    framer = protocol.LineFramer(max_line_bytes=1000)
+    for _ in range(1000):
+        framer.feed(b"z" * 999)
+        assert framer.buffered <= 1001
+
+
+def test_publish_keeps_raw_json_bytes():
+    """The envelope is forwarded byte for byte as published (parsed only to validate)."""
+    raw = b'{"message_id": "m-1", "enc_session_key": "k", "nonce": "n", "tag": "t", ' \
+          b'"ciphertext": "c", "extra": {"kept": [1, 2]}}'
+    exchange, key, message_id, body = protocol.parse_publish(b"ex rk " + raw + b"  ")
+    assert (exchange, key, message_id, body) == ("ex", "rk", "m-1", raw)
+
+
+def test_publisher_cannot_set_delivery_count():
+    """delivery_count belongs to the broker: a published one is removed."""
+    raw = json.dumps({"message_id": "m", "enc_session_key": "k", "nonce": "n", "tag": "t",
+                      "ciphertext": "c", "delivery_count": 99}).encode()
+    _, _, _, body = protocol.parse_publish(b"ex rk " + raw)
+    assert "delivery_count" not in json.loads(body)
+
+
+@pytest.mark.parametrize("raw, message", [
+    (b'[1, 2]', "JSON object"),
+    (b'{"message_id": "m"', "JSON object"),
+    (b'{"message_id": "m",}', "invalid JSON"),
+    (b'{"enc_session_key": "k", "nonce": "n", "tag": "t", "ciphertext": "c"}',
+     "missing field 'message_id'"),
+    (b'{"message_id": 7, "enc_session_key": "k", "nonce": "n", "tag": "t", "ciphertext": "c"}',
+     "field 'message_id' must be a string"),
+    (b'{"message_id": "m", "enc_session_key": ["k"], "nonce": "n", "tag": "t", "ciphertext": "c"}',
+     "field 'enc_session_key' must be a string"),
+    (b'{"message_id": "a b", "enc_session_key": "k", "nonce": "n", "tag": "t", "ciphertext": "c"}',
+     "invalid message_id"),
+    (b'{"message_id": "m\xff", "enc_session_key": "k", "nonce": "n", "tag": "t", "ciphertext": "c"}',
+     "invalid UTF-8"),
+    (b'{"a": ' * 100_000 + b'1' + b'}' * 100_000, "invalid JSON"),
+])
+def test_bad_envelopes_are_refused_with_a_reason(raw, message):
+    """Each malformed envelope gets a ProtocolError that says what is wrong."""
+    with pytest.raises(ProtocolError, match=message):
+        protocol.parse_publish(b"ex rk " + raw)
+
+
+@pytest.mark.parametrize("line, message", [
+    (b"publish ex", "usage: publish"),
+    (b"ping\x00", "NUL"),
+    (b"\xff\xfe", "invalid UTF-8"),
+])
+def test_malformed_commands(line, message):
+    """NUL bytes, invalid UTF-8 and missing arguments are clear errors."""
+    with pytest.raises(ProtocolError, match=message):
+        verb, args = protocol.split_command(line)
+        if verb == "publish":
+            protocol.parse_publish(args)
+
+
+def test_names_are_restricted():
+    """Only [A-Za-z0-9._:-]{1,128} names pass: they are echoed into replies and logs."""
+    assert protocol.parse_name(b"orders.eu-1:x_y", "queue") == "orders.eu-1:x_y"
+    for bad in (b"a/b", b"x" * 129, b"caf\xc3\xa9", b"a\rb"):
+        with pytest.raises(ProtocolError, match="invalid queue name"):
+            protocol.parse_name(bad, "queue")
+
+
+def test_message_line_adds_delivery_count_without_reserialising():
+    """Pushed lines carry the publisher's bytes plus delivery_count, as valid JSON."""
+    body = b'{"message_id": "m", "x": "\\u00e9"}'
+    line = protocol.message_line("m", body, 3)
+    assert line == b'Message: m {"message_id": "m", "x": "\\u00e9", "delivery_count": 3}\n'
+    assert json.loads(line.split(b" ", 2)[2])["delivery_count"] == 3
+
+
+def test_error_reply_is_always_one_line():
+    """Whatever an error text holds, the reply is exactly one Error: line."""
+    assert protocol.error_reply("bad\nthing\r here") == b"Error: bad thing here\n"
