@@ -1,0 +1,441 @@
+"""The broker: queues, exchanges, bindings and the life of every message.
+
+All of this state is guarded by one lock, ``Broker.mutex``.  Nothing here
+touches a socket: the server asks the broker what to send and sends it after
+the lock is released.  Time comes from an injectable ``clock`` so the
+redelivery rules can be tested without waiting.
+
+A message copy in a queue is in one of two states::
+
+    ready --deliver/fetch--> in flight (held by one Session) --ack--> gone
+      ^                          |
+      +---- nack, timeout, ------+----(max deliveries reached)----> <queue>.dead
+            disconnect
+
+A message is never dropped: it leaves the broker only by an ack.
+"""
+import collections
+import logging
+import threading
+import time
+
+from .errors import BrokerError
+from .routing import Exchange
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXCHANGE = "default_exchange"
+DEFAULT_QUEUE = "default_queue"
+DEFAULT_KEY = "default_key"
+DEAD_SUFFIX = ".dead"
+
+
+class Message:
+    """One copy of a message in one queue."""
+
+    __slots__ = ("id", "body", "queue", "deliveries", "holder", "consumer", "deadline")
+
+    def __init__(self, message_id, body, queue):
+        self.id = message_id
+        self.body = body            # the envelope JSON as bytes, shared by all copies
+        self.queue = queue
+        self.deliveries = 0         # times handed to a consumer or fetched
+        self.holder = None          # the Session it is in flight to, or None if ready
+        self.consumer = None        # the Consumer that got it (None for fetch)
+        self.deadline = 0.0         # when an unacked delivery is taken back
+
+
+class Queue:
+    """A FIFO of ready messages plus the consumers competing for them."""
+
+    __slots__ = ("name", "ready", "unacked", "consumers", "next_consumer")
+
+    def __init__(self, name):
+        self.name = name
+        self.ready = collections.deque()
+        self.unacked = 0
+        self.consumers = []
+        self.next_consumer = 0      # round-robin position
+
+    def __len__(self):
+        return len(self.ready) + self.unacked
+
+    @property
+    def is_dead_letter_queue(self):
+        return self.name.endswith(DEAD_SUFFIX)
+
+
+class Consumer:
+    """One ``consume`` subscription: a session's claim on one queue."""
+
+    __slots__ = ("session", "queue", "prefetch", "in_flight")
+
+    def __init__(self, session, queue, prefetch):
+        self.session = session
+        self.queue = queue
+        self.prefetch = prefetch    # 0 = unlimited
+        self.in_flight = 0
+
+    def has_room(self):
+        return self.prefetch == 0 or self.in_flight < self.prefetch
+
+
+class Session:
+    """The broker's view of one client connection.
+
+    ``outbox`` holds deliveries decided under the broker mutex but not yet
+    written; the connection's delivery thread waits on ``has_outbox`` (a
+    Condition on the broker mutex, notified when the outbox stops being
+    empty or the session closes) and writes them after releasing the lock.
+    """
+
+    def __init__(self, name, mutex):
+        self.name = name
+        self.unacked = {}           # message id -> Message, in delivery order
+        self.consumers = {}         # queue name -> Consumer
+        self.outbox = []            # (message_id, body, delivery_count) to push
+        self.has_outbox = threading.Condition(mutex)
+        self.closed = False
+
+
+class Broker:
+    """All queue state, and the rules that keep every message until it is acked.
+
+    Thread-safe: every public method takes ``mutex`` itself and none blocks
+    except :meth:`take_outbox`.  Methods never log while holding the lock;
+    events worth a log line are collected and logged after release.
+    """
+
+    def __init__(self, *, redelivery_interval=30.0, max_deliveries=10,
+                 max_queue_length=1_000_000, dedup_window=3600.0,
+                 dedup_max_ids=1_000_000, clock=time.monotonic):
+        self.redelivery_interval = redelivery_interval
+        self.max_deliveries = max_deliveries
+        self.max_queue_length = max_queue_length
+        self.dedup_window = dedup_window
+        self.dedup_max_ids = dedup_max_ids
+        self.clock = clock
+        #: The one broker lock.  Guards every attribute below, every Queue,
+        #: Exchange, Consumer and Session.  Conditions sharing it: each
+        #: Session.has_outbox.  Lock order: a connection's send_lock may be
+        #: held while taking this mutex, never the other way round.
+        self.mutex = threading.Lock()
+        self._queues = {}
+        self._exchanges = {}
+        self._sessions = set()
+        self._live = {}             # message id -> copies not yet acked
+        self._acked_at = {}         # message id -> clock() of its first ack
+        self._acked_order = collections.deque()   # ids in _acked_at, oldest first
+        self.totals = dict.fromkeys(
+            ("published", "duplicates", "delivered", "redelivered", "acked", "dead_lettered"), 0)
+
+    # -- declarations -------------------------------------------------------
+
+    def declare_queue(self, name):
+        """Create queue ``name`` if it does not exist.  Idempotent."""
+        with self.mutex:
+            self._declare_queue(name)
+
+    def declare_exchange(self, name, kind="direct"):
+        """Create exchange ``name``; redeclaring with another type is an error."""
+        with self.mutex:
+            exchange = self._exchanges.get(name)
+            if exchange is None:
+                self._exchanges[name] = Exchange(name, kind)
+            elif exchange.kind != kind:
+                raise BrokerError("exchange '%s' already exists with type %s"
+                                  % (name, exchange.kind))
+
+    def bind(self, exchange_name, queue_name, binding_key):
+        """Bind a queue to an exchange; both must exist."""
+        with self.mutex:
+            exchange = self._exchange(exchange_name)
+            exchange.bind(binding_key, self._queue(queue_name))
+
+    def declare_defaults(self):
+        """What the original server did at start, so the document's clients just work."""
+        self.declare_exchange(DEFAULT_EXCHANGE, "direct")
+        self.declare_queue(DEFAULT_QUEUE)
+        self.bind(DEFAULT_EXCHANGE, DEFAULT_QUEUE, DEFAULT_KEY)
+
+    # -- publishing ---------------------------------------------------------
+
+    def publish(self, exchange_name, routing_key, message_id, body):
+        """Store a message in every queue it routes to.
+
+        Returns True if stored, False if ``message_id`` was already accepted
+        (queued, in flight, or acked within the dedup window): the caller
+        answers ``ACK`` either way and the message is not stored twice.
+        Raises BrokerError if the exchange is unknown, nothing is bound for
+        the key, or a target queue is full -- and then stores nothing.
+        """
+        with self.mutex:
+            if message_id in self._live or message_id in self._acked_at:
+                self.totals["duplicates"] += 1
+                return False
+            queues = self._exchange(exchange_name).route(routing_key)
+            if not queues:
+                raise BrokerError("unroutable: exchange '%s' has no queue bound for key '%s'"
+                                  % (exchange_name, routing_key))
+            for queue in queues:
+                if len(queue) >= self.max_queue_length:
+                    raise BrokerError("queue '%s' is full" % queue.name)
+            self._live[message_id] = len(queues)
+            self.totals["published"] += 1
+            for queue in queues:
+                queue.ready.append(Message(message_id, body, queue))
+                if queue.consumers:
+                    self._dispatch(queue)
+            return True
+
+    # -- consuming ----------------------------------------------------------
+
+    def open_session(self, name):
+        with self.mutex:
+            session = Session(name, self.mutex)
+            self._sessions.add(session)
+            return session
+
+    def subscribe(self, session, queue_name, prefetch):
+        """Make ``session`` a consumer of a queue (again: update its prefetch)."""
+        with self.mutex:
+            queue = self._queue(queue_name)
+            consumer = session.consumers.get(queue_name)
+            if consumer is None:
+                consumer = Consumer(session, queue, prefetch)
+                session.consumers[queue_name] = consumer
+                queue.consumers.append(consumer)
+            consumer.prefetch = prefetch
+            self._dispatch(queue)
+
+    def fetch(self, session, queue_name):
+        """Pull one ready message: ``(id, body, delivery_count)`` or None.
+
+        The message is in flight to ``session`` exactly as if it had been
+        pushed: it must be acked, and comes back if it is not.
+        """
+        with self.mutex:
+            queue = self._queue(queue_name)
+            for position, message in enumerate(queue.ready):
+                if message.id not in session.unacked:
+                    del queue.ready[position]
+                    self._hand_over(message, session, None)
+                    return message.id, message.body, message.deliveries
+            return None
+
+    def take_outbox(self, session, timeout=None):
+        """Block until ``session`` has deliveries to write; take them all.
+
+        Returns a list of ``(message_id, body, delivery_count)``, an empty
+        list if ``timeout`` (seconds) passed first, or None once the session
+        is closed.
+        """
+        with self.mutex:
+            session.has_outbox.wait_for(lambda: session.outbox or session.closed, timeout)
+            if session.closed:
+                return None
+            batch, session.outbox = session.outbox, []
+            return batch
+
+    def ack(self, session, message_id):
+        """Acknowledge a message delivered to ``session``; it is then gone for good.
+
+        Returns True for a first ack, False for a repeated ack of a message
+        already acknowledged (confirmed again, nothing changes).  Raises
+        BrokerError for a message this session does not hold.
+        """
+        with self.mutex:
+            message = session.unacked.pop(message_id, None)
+            if message is None:
+                if message_id in self._acked_at:
+                    return False
+                raise BrokerError("message '%s' is not delivered to this connection"
+                                  % message_id)
+            self._release(message)
+            self._forget_copy(message_id)
+            self.totals["acked"] += 1
+            self._dispatch(message.queue)
+            return True
+
+    def nack(self, session, message_id):
+        """Give a message back now, for redelivery (or the dead-letter queue)."""
+        with self.mutex:
+            message = session.unacked.pop(message_id, None)
+            if message is None:
+                raise BrokerError("message '%s' is not delivered to this connection"
+                                  % message_id)
+            events = []
+            self._requeue([message], events, "nacked")
+        _log_events(events)
+
+    def close_session(self, session):
+        """Forget a connection: everything it held goes back to its queues."""
+        with self.mutex:
+            if session.closed:
+                return 0
+            session.closed = True
+            self._sessions.discard(session)
+            for consumer in session.consumers.values():
+                consumer.queue.consumers.remove(consumer)
+            held = list(session.unacked.values())
+            session.unacked.clear()
+            session.outbox = []
+            events = []
+            self._requeue(held, events, "connection closed")
+            session.has_outbox.notify_all()
+        _log_events(events)
+        return len(held)
+
+    # -- the timer's work ---------------------------------------------------
+
+    def redeliver_expired(self, now=None):
+        """Take back deliveries unacked past their deadline; forget old acked ids.
+
+        Called by the redelivery thread.  Returns the clock time at which
+        it should be called again.
+        """
+        events = []
+        with self.mutex:
+            now = self.clock() if now is None else now
+            next_due = now + self.redelivery_interval
+            for session in list(self._sessions):
+                expired = []
+                for message in session.unacked.values():
+                    if message.deadline > now:
+                        next_due = min(next_due, message.deadline)
+                        break
+                    expired.append(message)
+                for message in expired:
+                    del session.unacked[message.id]
+                self._requeue(expired, events, "not acked in time")
+            self._expire_acked(now)
+        _log_events(events)
+        return next_due
+
+    # -- reading ------------------------------------------------------------
+
+    def stats(self):
+        """A snapshot: per-queue ready/unacked/consumers, and running totals."""
+        with self.mutex:
+            return {
+                "queues": {name: {"ready": len(q.ready), "unacked": q.unacked,
+                                  "consumers": len(q.consumers)}
+                           for name, q in self._queues.items()},
+                "totals": dict(self.totals),
+            }
+
+    # -- internals: only called with the mutex held ----------------------------
+
+    def _declare_queue(self, name):
+        queue = self._queues.get(name)
+        if queue is None:
+            queue = self._queues[name] = Queue(name)
+        return queue
+
+    def _queue(self, name):
+        queue = self._queues.get(name)
+        if queue is None:
+            # A queue's dead-letter queue exists as soon as the queue does,
+            # so a rescuer can subscribe before anything has died.
+            parent = name[:-len(DEAD_SUFFIX)] if name.endswith(DEAD_SUFFIX) else None
+            if parent not in self._queues or parent.endswith(DEAD_SUFFIX):
+                raise BrokerError("unknown queue '%s'" % name)
+            queue = self._declare_queue(name)
+        return queue
+
+    def _exchange(self, name):
+        exchange = self._exchanges.get(name)
+        if exchange is None:
+            raise BrokerError("unknown exchange '%s'" % name)
+        return exchange
+
+    def _dispatch(self, queue):
+        """Hand ready messages to consumers with room, round robin."""
+        consumers = queue.consumers
+        ready = queue.ready
+        while ready and consumers:
+            message = ready[0]
+            count = len(consumers)
+            for _ in range(count):
+                consumer = consumers[queue.next_consumer % count]
+                queue.next_consumer = (queue.next_consumer + 1) % count
+                if consumer.has_room() and message.id not in consumer.session.unacked:
+                    break
+            else:
+                return              # nobody has room (or every session holds this id)
+            ready.popleft()
+            self._hand_over(message, consumer.session, consumer)
+
+    def _hand_over(self, message, session, consumer):
+        message.deliveries += 1
+        message.holder = session
+        message.consumer = consumer
+        message.deadline = self.clock() + self.redelivery_interval
+        session.unacked[message.id] = message
+        message.queue.unacked += 1
+        self.totals["delivered"] += 1
+        if message.deliveries > 1:
+            self.totals["redelivered"] += 1
+        if consumer is not None:
+            consumer.in_flight += 1
+            if not session.outbox:
+                session.has_outbox.notify()
+            session.outbox.append((message.id, message.body, message.deliveries))
+
+    def _release(self, message):
+        """Detach an in-flight message from its holder (already removed from unacked)."""
+        message.queue.unacked -= 1
+        if message.consumer is not None:
+            message.consumer.in_flight -= 1
+        message.holder = message.consumer = None
+
+    def _requeue(self, messages, events, reason):
+        """Return in-flight messages to the front of their queues, oldest first.
+
+        A message that has used up its deliveries goes to ``<queue>.dead``
+        instead (a dead-letter queue never dead-letters again).
+        """
+        touched = []
+        for message in reversed(messages):
+            self._release(message)
+            queue = message.queue
+            if message.deliveries >= self.max_deliveries and not queue.is_dead_letter_queue:
+                dead = self._declare_queue(queue.name + DEAD_SUFFIX)
+                dead.ready.append(Message(message.id, message.body, dead))
+                self.totals["dead_lettered"] += 1
+                events.append((logging.WARNING,
+                               "Message %s dead-lettered to %s after %d deliveries",
+                               (message.id, dead.name, message.deliveries)))
+                touched.append(dead)
+            else:
+                queue.ready.appendleft(message)
+                events.append((logging.INFO, "Message %s requeued to %s for redelivery (%s)",
+                               (message.id, queue.name, reason)))
+            if queue not in touched:
+                touched.append(queue)
+        for queue in touched:
+            self._dispatch(queue)
+
+    def _forget_copy(self, message_id):
+        """One copy acked; when none is left the id enters the dedup window."""
+        left = self._live[message_id] - 1
+        if left:
+            self._live[message_id] = left
+        else:
+            del self._live[message_id]
+        if message_id not in self._acked_at:
+            self._acked_at[message_id] = self.clock()
+            self._acked_order.append(message_id)
+            if len(self._acked_order) > self.dedup_max_ids:
+                del self._acked_at[self._acked_order.popleft()]
+
+    def _expire_acked(self, now):
+        order, acked_at = self._acked_order, self._acked_at
+        cutoff = now - self.dedup_window
+        while order and acked_at[order[0]] <= cutoff:
+            del acked_at[order.popleft()]
+
+
+def _log_events(events):
+    for level, text, args in events:
+        log.log(level, text, *args)

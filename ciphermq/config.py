@@ -1,0 +1,27 @@
+"""Server settings and limits, with the defaults the command line shows."""
+import dataclasses
+from typing import Optional
+
+from .protocol import DEFAULT_MAX_LINE_BYTES
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    """Everything a :class:`~ciphermq.server.BrokerServer` can be told.
+
+    Times are in seconds.  ``port=0`` binds any free port (read the bound
+    one back from ``BrokerServer.address``).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 5672                     # the document's port
+    redelivery_interval: float = 30.0    # unacked deliveries come back after this
+    max_deliveries: int = 10             # then the message goes to <queue>.dead
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    max_connections: int = 2048
+    max_queue_length: int = 1_000_000    # ready + unacked, per queue
+    default_prefetch: int = 100          # unacked pushes per consumer; 0 = unlimited
+    write_timeout: float = 10.0          # a client that does not read is dropped after this
+    idle_timeout: Optional[float] = None  # drop a connection silent this long (None: never)
+    dedup_window: float = 3600.0         # acked message ids are remembered this long
+    dedup_max_ids: int = 1_000_000       # ... and at most this many of them

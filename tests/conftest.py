@@ -1,0 +1,135 @@
+"""Shared fixtures: a real broker on port 0, and a raw line-oriented test client."""
+import contextlib
+import json
+import socket
+import uuid
+
+import pytest
+
+from ciphermq.config import ServerConfig
+from ciphermq.server import BrokerServer
+
+#: How long a test waits for a line it expects before failing (not a sleep).
+WAIT = 5.0
+
+
+class Wire:
+    """A minimal client speaking the raw protocol, for tests.
+
+    It frames replies by newline itself, so a test sees exactly the bytes the
+    broker wrote.
+    """
+
+    def __init__(self, address, timeout=WAIT):
+        self.sock = socket.create_connection(address, timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._buffer = b""
+
+    def send(self, data):
+        if isinstance(data, str):
+            data = data.encode()
+        self.sock.sendall(data)
+
+    def line(self, timeout=WAIT):
+        """The next line (bytes, without the newline); raises socket.timeout if none comes."""
+        self.sock.settimeout(timeout)
+        while b"\n" not in self._buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("broker closed the connection")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line
+
+    def text(self, timeout=WAIT):
+        return self.line(timeout).decode()
+
+    def call(self, command):
+        """Send one command line and return its reply as str."""
+        self.send(command if command.endswith("\n") else command + "\n")
+        return self.text()
+
+    def expect_nothing(self, within=0.3):
+        """Assert no line arrives within ``within`` seconds (a bounded read, not a sleep)."""
+        try:
+            line = self.line(timeout=within)
+        except socket.timeout:
+            return
+        raise AssertionError("unexpected line: %r" % line)
+
+    def closed_by_peer(self, timeout=WAIT):
+        """True once the broker has closed this connection (EOF or reset)."""
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                if not self.sock.recv(65536):
+                    return True
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except socket.timeout:
+            return False
+
+    def close(self):
+        self.sock.close()
+
+
+def envelope(message_id=None, **extra):
+    """A syntactically valid envelope (the broker never decrypts it)."""
+    env = {"message_id": message_id or str(uuid.uuid4()), "enc_session_key": "a2V5",
+           "nonce": "bm9uY2U=", "tag": "dGFn", "ciphertext": "Y2lwaGVy"}
+    env.update(extra)
+    return env
+
+
+def publish_line(message_id=None, exchange="default_exchange", key="default_key", **extra):
+    return "publish %s %s %s\n" % (exchange, key, json.dumps(envelope(message_id, **extra)))
+
+
+def parse_message(line):
+    """Split a pushed ``Message: <id> <json>`` line into (id, dict)."""
+    text = line.decode() if isinstance(line, bytes) else line
+    prefix, message_id, body = text.split(" ", 2)
+    assert prefix == "Message:", text
+    return message_id, json.loads(body)
+
+
+@pytest.fixture
+def start_server():
+    """Start real brokers on free ports; every one is stopped (and joined) at teardown."""
+    with contextlib.ExitStack() as stack:
+        def start(**overrides):
+            overrides.setdefault("port", 0)
+            server = BrokerServer(ServerConfig(**overrides))
+            stack.callback(server.stop)
+            return server.start()
+        yield start
+
+
+@pytest.fixture
+def server(start_server):
+    """A broker with a short redelivery interval so timing tests stay quick."""
+    return start_server(redelivery_interval=30.0)
+
+
+@pytest.fixture
+def connect(server):
+    """Open Wire clients to the ``server`` fixture; all closed at teardown."""
+    with contextlib.ExitStack() as stack:
+        def open_client(address=None):
+            client = Wire(address or server.address)
+            stack.callback(client.close)
+            return client
+        yield open_client
+
+
+class FakeClock:
+    """A clock a test moves by hand: ``clock.advance(31)``."""
+
+    def __init__(self, start=1000.0):
+        self.now = start
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds

@@ -1,0 +1,221 @@
+"""The broker's rules, driven directly with a fake clock (no sockets, no waiting)."""
+import pytest
+
+from ciphermq.broker import Broker
+from ciphermq.errors import BrokerError
+from conftest import FakeClock
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def broker(clock):
+    broker = Broker(redelivery_interval=30.0, max_deliveries=3, max_queue_length=5,
+                    dedup_window=3600.0, clock=clock)
+    broker.declare_defaults()
+    return broker
+
+
+def publish(broker, message_id, exchange="default_exchange", key="default_key"):
+    return broker.publish(exchange, key, message_id, b'{"message_id": "%s"}' % message_id.encode())
+
+
+def pushed(broker, session):
+    """Ids in the session's outbox, taken without blocking."""
+    return [delivery[0] for delivery in broker.take_outbox(session, timeout=0)]
+
+
+def test_duplicate_publish_is_accepted_but_stored_once(broker):
+    """A retried publish is acknowledged again and never queued twice."""
+    assert publish(broker, "m1") is True
+    assert publish(broker, "m1") is False
+    assert broker.stats()["queues"]["default_queue"]["ready"] == 1
+    assert broker.stats()["totals"]["duplicates"] == 1
+
+
+def test_duplicate_of_an_acked_message_within_window_is_not_requeued(broker, clock):
+    """An id acked within the dedup window is re-ACKed, not stored again."""
+    session = broker.open_session("s")
+    publish(broker, "m1")
+    assert broker.fetch(session, "default_queue")[0] == "m1"
+    broker.ack(session, "m1")
+    clock.advance(3599)
+    broker.redeliver_expired()
+    assert publish(broker, "m1") is False
+    clock.advance(2)
+    broker.redeliver_expired()
+    assert publish(broker, "m1") is True, "after the window the id is forgotten"
+
+
+def test_dedup_memory_is_capped(clock):
+    """At most dedup_max_ids acked ids are remembered, the oldest forgotten first."""
+    broker = Broker(dedup_max_ids=3, clock=clock)
+    broker.declare_defaults()
+    session = broker.open_session("s")
+    for i in range(5):
+        publish(broker, "m%d" % i)
+        broker.fetch(session, "default_queue")
+        broker.ack(session, "m%d" % i)
+    assert publish(broker, "m0") is True and publish(broker, "m1") is True
+    assert publish(broker, "m4") is False
+
+
+def test_unroutable_and_unknown_exchange_are_refused(broker):
+    """A publish that reaches no queue is an error and stores nothing."""
+    with pytest.raises(BrokerError, match="unroutable"):
+        publish(broker, "m1", key="nobody")
+    with pytest.raises(BrokerError, match="unknown exchange 'nope'"):
+        publish(broker, "m1", exchange="nope")
+    assert publish(broker, "m1") is True, "a refused id is not remembered as accepted"
+
+
+def test_full_queue_refuses_and_drops_nothing(broker):
+    """Past max_queue_length publish fails; what was stored stays."""
+    for i in range(5):
+        publish(broker, "m%d" % i)
+    with pytest.raises(BrokerError, match="queue 'default_queue' is full"):
+        publish(broker, "m5")
+    assert broker.stats()["queues"]["default_queue"]["ready"] == 5
+
+
+def test_fanout_full_target_refuses_the_whole_publish(broker):
+    """If any target queue is full, no queue gets the message (all or nothing)."""
+    broker.declare_exchange("fan", "fanout")
+    broker.declare_queue("a")
+    broker.declare_queue("b")
+    broker.bind("fan", "a", "x")
+    broker.bind("fan", "b", "x")
+    for i in range(5):
+        broker.publish("default_exchange", "default_key", "pre%d" % i, b"{}")
+    broker.bind("fan", "default_queue", "x")
+    with pytest.raises(BrokerError, match="full"):
+        broker.publish("fan", "x", "f1", b"{}")
+    stats = broker.stats()["queues"]
+    assert stats["a"]["ready"] == stats["b"]["ready"] == 0
+
+
+def test_consumers_compete_round_robin(broker):
+    """Each message goes to exactly one consumer, alternating between them."""
+    broker.max_queue_length = 100
+    s1, s2 = broker.open_session("s1"), broker.open_session("s2")
+    broker.subscribe(s1, "default_queue", 0)
+    broker.subscribe(s2, "default_queue", 0)
+    for i in range(6):
+        publish(broker, "m%d" % i)
+    got1, got2 = pushed(broker, s1), pushed(broker, s2)
+    assert sorted(got1 + got2) == ["m%d" % i for i in range(6)]
+    assert len(got1) == len(got2) == 3
+
+
+def test_prefetch_limits_unacked_pushes(broker):
+    """A consumer holds at most `prefetch` unacked messages; an ack makes room."""
+    broker.max_queue_length = 100
+    session = broker.open_session("s")
+    broker.subscribe(session, "default_queue", 2)
+    for i in range(5):
+        publish(broker, "m%d" % i)
+    assert pushed(broker, session) == ["m0", "m1"]
+    broker.ack(session, "m0")
+    assert pushed(broker, session) == ["m2"]
+
+
+def test_unacked_delivery_comes_back_after_the_interval(broker, clock):
+    """A delivery not acked within the redelivery interval is delivered again."""
+    session = broker.open_session("s")
+    broker.subscribe(session, "default_queue", 0)
+    publish(broker, "m1")
+    assert pushed(broker, session) == ["m1"]
+    clock.advance(29)
+    broker.redeliver_expired()
+    assert pushed(broker, session) == []
+    clock.advance(2)
+    broker.redeliver_expired()
+    [(message_id, _, count)] = broker.take_outbox(session, timeout=0)
+    assert (message_id, count) == ("m1", 2)
+    assert broker.stats()["totals"]["redelivered"] == 1
+
+
+def test_redeliver_reports_when_it_is_next_due(broker, clock):
+    """The timer is told the earliest deadline, so it never polls."""
+    session = broker.open_session("s")
+    publish(broker, "m1")
+    broker.fetch(session, "default_queue")
+    clock.advance(10)
+    assert broker.redeliver_expired() == pytest.approx(clock.now + 20)
+
+
+def test_dead_letter_after_max_deliveries(broker, clock):
+    """After max_deliveries unacked deliveries the message moves to <queue>.dead, not lost."""
+    session = broker.open_session("s")
+    publish(broker, "m1")
+    for attempt in range(3):
+        assert broker.fetch(session, "default_queue")[2] == attempt + 1
+        clock.advance(31)
+        broker.redeliver_expired()
+    stats = broker.stats()
+    assert stats["queues"]["default_queue"] == {"ready": 0, "unacked": 0, "consumers": 0}
+    assert stats["queues"]["default_queue.dead"]["ready"] == 1
+    assert stats["totals"]["dead_lettered"] == 1
+    message_id, _, count = broker.fetch(session, "default_queue.dead")
+    assert (message_id, count) == ("m1", 1)
+    assert broker.ack(session, "m1") is True
+
+
+def test_nack_requeues_at_the_front(broker):
+    """A nacked message is the next one delivered."""
+    session = broker.open_session("s")
+    publish(broker, "m1")
+    publish(broker, "m2")
+    assert broker.fetch(session, "default_queue")[0] == "m1"
+    broker.nack(session, "m1")
+    assert broker.fetch(session, "default_queue")[:3:2] == ("m1", 2)
+
+
+def test_closing_a_session_requeues_in_order(broker):
+    """A disconnected consumer's messages go back in their original order."""
+    s1, s2 = broker.open_session("s1"), broker.open_session("s2")
+    broker.subscribe(s1, "default_queue", 0)
+    for i in range(3):
+        publish(broker, "m%d" % i)
+    assert broker.close_session(s1) == 3
+    broker.subscribe(s2, "default_queue", 0)
+    assert pushed(broker, s2) == ["m0", "m1", "m2"]
+
+
+def test_ack_rules(broker):
+    """Only the holder may ack; a repeated ack is confirmed; unknown ids are refused."""
+    s1, s2 = broker.open_session("s1"), broker.open_session("s2")
+    publish(broker, "m1")
+    broker.fetch(s1, "default_queue")
+    with pytest.raises(BrokerError, match="not delivered to this connection"):
+        broker.ack(s2, "m1")
+    assert broker.stats()["queues"]["default_queue"]["unacked"] == 1
+    assert broker.ack(s1, "m1") is True
+    assert broker.ack(s1, "m1") is False
+    with pytest.raises(BrokerError):
+        broker.ack(s1, "never-seen")
+
+
+def test_fanout_copies_are_acked_separately(broker):
+    """A fanned-out message lives on until every queue's copy is acked."""
+    broker.declare_exchange("fan", "fanout")
+    for name in ("a", "b"):
+        broker.declare_queue(name)
+        broker.bind("fan", name, "x")
+    s1, s2 = broker.open_session("s1"), broker.open_session("s2")
+    broker.publish("fan", "x", "f1", b"{}")
+    broker.fetch(s1, "a")
+    broker.ack(s1, "f1")
+    assert broker.publish("fan", "x", "f1", b"{}") is False
+    assert broker.fetch(s2, "b")[0] == "f1"
+    assert broker.ack(s2, "f1") is True
+
+
+def test_take_outbox_returns_none_once_closed(broker):
+    """The delivery thread's wait ends when the session closes."""
+    session = broker.open_session("s")
+    broker.close_session(session)
+    assert broker.take_outbox(session, timeout=5) is None
