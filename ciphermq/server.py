@@ -1,0 +1,204 @@
+"""The broker's TCP server and its command line (``python -m ciphermq.server``).
+
+``BrokerServer`` is a ``socketserver.ThreadingTCPServer``: one accept thread
+(``ciphermq-accept``), one handler thread per connection (see
+:mod:`ciphermq.connection`), and the redelivery timer.
+
+Shutdown order (``stop()``), each step waiting for the one before:
+
+1. stop accepting: ``shutdown()`` ends ``serve_forever`` in the accept thread;
+2. stop the redelivery timer;
+3. shut every open connection's socket down, so its reader sees EOF, hands its
+   unacked messages back to the broker and stops its delivery thread;
+4. join every handler thread (bounded), then close the listening socket.
+"""
+import argparse
+import logging
+import signal
+import socketserver
+import sys
+import threading
+
+from . import __version__
+from .broker import Broker
+from .config import ServerConfig
+from .connection import Connection
+from .redelivery import RedeliveryTimer
+
+log = logging.getLogger(__name__)
+
+
+class BrokerServer(socketserver.ThreadingTCPServer):
+    """The broker on a socket.  Use as a context manager, or ``start()``/``stop()``."""
+
+    allow_reuse_address = True      # restart on the same port despite TIME_WAIT
+    daemon_threads = True           # a stuck client can never keep the process alive ...
+    block_on_close = False          # ... because stop() joins handler threads itself, bounded
+    request_queue_size = 1024       # listen backlog: many clients may connect at once
+
+    def __init__(self, config=None, broker=None):
+        self.config = config or ServerConfig()
+        self.broker = broker or Broker(
+            redelivery_interval=self.config.redelivery_interval,
+            max_deliveries=self.config.max_deliveries,
+            max_queue_length=self.config.max_queue_length,
+            dedup_window=self.config.dedup_window,
+            dedup_max_ids=self.config.dedup_max_ids)
+        self.broker.declare_defaults()
+        #: Guards _connections (the open Connection handlers), _admitted
+        #: (accepted and not yet finished, for max_connections) and _stopping.
+        self._connections_lock = threading.Lock()
+        self._connections = set()
+        self._admitted = 0
+        self._stopping = False
+        self._timer = RedeliveryTimer(self.broker)
+        self._accept_thread = None
+        super().__init__((self.config.host, self.config.port), Connection)
+
+    @property
+    def address(self):
+        """The ``(host, port)`` actually bound (the real port when asked for 0)."""
+        return self.server_address[:2]
+
+    def start(self):
+        """Start accepting and the redelivery timer; returns self.  Does not block."""
+        self._timer.start()
+        self._accept_thread = threading.Thread(
+            target=self.serve_forever, kwargs={"poll_interval": 0.2}, name="ciphermq-accept")
+        self._accept_thread.start()
+        log.info("CipherMQ broker listening on %s:%d", *self.address)
+        return self
+
+    def stop(self, timeout=5.0):
+        """Stop in the documented order; safe to call twice, from any thread but the accept thread."""
+        if self._accept_thread is not None:
+            self.shutdown()
+            self._accept_thread.join(timeout)
+            self._accept_thread = None
+        self._timer.stop(timeout)
+        with self._connections_lock:
+            self._stopping = True
+            connections = list(self._connections)
+        for connection in connections:
+            connection.close()
+        for connection in connections:
+            connection.thread.join(timeout)
+            if connection.thread.is_alive():
+                log.warning("Connection %s did not stop within %.1f s", connection.peer, timeout)
+        self.server_close()
+        log.info("CipherMQ broker stopped")
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+    # -- socketserver hooks ---------------------------------------------------
+
+    def verify_request(self, request, client_address):
+        """Admit a connection unless ``max_connections`` are already open."""
+        with self._connections_lock:
+            if self._admitted < self.config.max_connections:
+                self._admitted += 1
+                return True
+        log.warning("Refusing %s:%s: too many connections (max %d)",
+                    client_address[0], client_address[1], self.config.max_connections)
+        try:                        # a fresh socket's send buffer is empty: this cannot block
+            request.setblocking(False)
+            request.send(b"Error: too many connections (max %d)\n" % self.config.max_connections)
+        except OSError:
+            pass
+        return False
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._connections_lock:
+                self._admitted -= 1
+
+    def register(self, connection):
+        """Called by a starting Connection; False once stop() has begun."""
+        with self._connections_lock:
+            if self._stopping:
+                return False
+            self._connections.add(connection)
+            return True
+
+    def forget(self, connection):
+        """Called by a finishing Connection."""
+        with self._connections_lock:
+            self._connections.discard(connection)
+
+    def handle_error(self, request, client_address):
+        log.exception("Unexpected error on connection from %s:%s", *client_address[:2])
+
+
+def build_parser():
+    defaults = ServerConfig()
+    parser = argparse.ArgumentParser(
+        prog="ciphermq-server",
+        description="CipherMQ broker: routes encrypted envelopes it cannot read, "
+                    "and keeps every message until a receiver acknowledges it.")
+    add = parser.add_argument
+    add("--host", default=defaults.host, help="address to listen on (default %(default)s)")
+    add("--port", type=int, default=defaults.port,
+        help="port to listen on; 0 = any free port, logged at start (default %(default)s)")
+    add("--redelivery-interval", type=float, default=defaults.redelivery_interval,
+        metavar="SECONDS", help="redeliver unacked messages after this (default %(default)s)")
+    add("--max-deliveries", type=int, default=defaults.max_deliveries,
+        help="deliveries before a message goes to <queue>.dead (default %(default)s)")
+    add("--max-line-bytes", type=int, default=defaults.max_line_bytes,
+        help="longest command line accepted (default %(default)s)")
+    add("--max-connections", type=int, default=defaults.max_connections,
+        help="open connections at most (default %(default)s)")
+    add("--max-queue-length", type=int, default=defaults.max_queue_length,
+        help="messages (ready + unacked) per queue at most (default %(default)s)")
+    add("--prefetch", type=int, default=defaults.default_prefetch, dest="default_prefetch",
+        help="unacked pushes per consumer when consume names none; 0 = unlimited "
+             "(default %(default)s)")
+    add("--write-timeout", type=float, default=defaults.write_timeout, metavar="SECONDS",
+        help="drop a client that does not read for this long (default %(default)s)")
+    add("--idle-timeout", type=float, default=defaults.idle_timeout, metavar="SECONDS",
+        help="drop a client that sends nothing for this long (default: never)")
+    add("--dedup-window", type=float, default=defaults.dedup_window, metavar="SECONDS",
+        help="remember acked message ids this long, to re-ACK duplicates (default %(default)s)")
+    add("--log-level", default="INFO",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="(default %(default)s)")
+    add("--version", action="version", version="%(prog)s " + __version__)
+    return parser
+
+
+def config_from_args(args):
+    fields = {field for field in ServerConfig.__dataclass_fields__}
+    return ServerConfig(**{key: value for key, value in vars(args).items() if key in fields})
+
+
+def main(argv=None):
+    """Run the broker in the foreground until SIGINT or SIGTERM; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        server = BrokerServer(config_from_args(args))
+    except OSError as exc:
+        log.error("Cannot listen on %s:%d: %s", args.host, args.port, exc)
+        return 1
+    stop = threading.Event()
+
+    def request_stop(signum, frame):
+        log.info("Received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    server.start()
+    while not stop.wait(1.0):
+        pass
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

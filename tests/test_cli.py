@@ -1,0 +1,145 @@
+"""The broker as a process: command line, port 0, signals, and the document's own clients."""
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import uuid
+
+import pytest
+
+from conftest import WAIT
+
+
+class BrokerProcess:
+    """``python -m ciphermq.server`` in a subprocess; its log is collected by a reader thread."""
+
+    def __init__(self, *args):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ciphermq.server", "--port", "0", *args],
+            stderr=subprocess.PIPE, text=True)
+        self.lines = []
+        self._port_found = threading.Event()
+        self.port = None
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
+        if not self._port_found.wait(WAIT * 2):
+            self.proc.kill()
+            raise AssertionError("broker did not log its port:\n" + "".join(self.lines))
+
+    def _read_log(self):
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            match = re.search(r"listening on [\d.]+:(\d+)", line)
+            if match:
+                self.port = int(match.group(1))
+                self._port_found.set()
+
+    @property
+    def log(self):
+        return "".join(self.lines)
+
+    def stop(self, sig=signal.SIGTERM):
+        self.proc.send_signal(sig)
+        code = self.proc.wait(WAIT * 2)
+        self.close()
+        return code
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(WAIT)
+        self.proc.stderr.close()
+
+
+@pytest.fixture
+def broker_process():
+    started = []
+
+    def start(*args):
+        process = BrokerProcess(*args)
+        started.append(process)
+        return process
+    yield start
+    for process in started:
+        process.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_the_broker_cleanly(broker_process, sig):
+    """SIGTERM and SIGINT stop accepting, close connections and exit 0."""
+    broker = broker_process("--log-level", "INFO")
+    client = socket.create_connection(("127.0.0.1", broker.port), timeout=WAIT)
+    client.sendall(b"ping\n")
+    assert client.recv(100) == b"PONG\n"
+    assert broker.stop(sig) == 0
+    assert client.recv(100) == b"", "open connections are closed on shutdown"
+    client.close()
+    assert "CipherMQ broker stopped" in broker.log
+    assert "Traceback" not in broker.log
+
+
+def test_options_are_applied(broker_process):
+    """Limits given on the command line take effect."""
+    broker = broker_process("--max-line-bytes", "64", "--max-queue-length", "1")
+    client = socket.create_connection(("127.0.0.1", broker.port), timeout=WAIT)
+    with client, client.makefile("rb") as reader:
+        client.sendall(b"x" * 100 + b"\n")
+        assert reader.readline() == b"Error: line too long (max 64 bytes)\n"
+    assert broker.stop() == 0
+
+
+def test_bad_arguments_exit_2():
+    """An unknown option is a usage error, not a traceback."""
+    result = subprocess.run([sys.executable, "-m", "ciphermq.server", "--bogus"],
+                            capture_output=True, text=True, timeout=WAIT * 2)
+    assert result.returncode == 2
+    assert "usage:" in result.stderr
+
+
+def test_port_in_use_is_a_clear_error(broker_process):
+    """A busy port gives one log line and exit status 1."""
+    broker = broker_process()
+    result = subprocess.run(
+        [sys.executable, "-m", "ciphermq.server", "--port", str(broker.port)],
+        capture_output=True, text=True, timeout=WAIT * 2)
+    assert result.returncode == 1
+    assert "Cannot listen" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_documents_original_clients_work_untouched(broker_process):
+    """Wire compatibility: the seed's Sender/Receiver exchange, byte for byte as they did it."""
+    broker = broker_process()
+    address = ("127.0.0.1", broker.port)
+    # The original Sender: one connection per message, send, one recv(1024), close.
+    envelope = {"message_id": str(uuid.uuid4()), "enc_session_key": "a2V5",
+                "nonce": "bm9uY2U=", "tag": "dGFn", "ciphertext": "Y2lwaGVy"}
+    sender = socket.create_connection(address, timeout=WAIT)
+    sender.send(("publish default_exchange default_key %s\n" % json.dumps(envelope)).encode())
+    assert sender.recv(1024).decode().strip() == "ACK %s" % envelope["message_id"]
+    sender.close()
+    # The original Receiver: consume, recv the response, recv a message, ack, recv the answer.
+    receiver = socket.create_connection(address, timeout=WAIT)
+    receiver.send(b"consume default_queue\n")
+    first = receiver.recv(1024).decode()
+    assert first.startswith("Subscribed to queue\n")
+    data = first[len("Subscribed to queue\n"):] or receiver.recv(1024).decode()
+    prefix, message_id, body = data.strip().split(" ", 2)
+    assert (prefix, message_id) == ("Message:", envelope["message_id"])
+    assert {k: v for k, v in json.loads(body).items() if k != "delivery_count"} == envelope
+    receiver.send(("ack %s\n" % message_id).encode())
+    assert receiver.recv(1024).decode().strip() == "ACK_CONFIRMED %s" % message_id
+    receiver.close()
+    assert broker.stop() == 0
+
+
+def test_console_script_is_installed():
+    """`ciphermq-server` is on the venv's PATH and answers --help."""
+    script = __import__("shutil").which("ciphermq-server",
+                                        path=str(__import__("pathlib").Path(sys.executable).parent))
+    assert script, "ciphermq-server console script not installed"
+    result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=WAIT * 2)
+    assert result.returncode == 0 and "--redelivery-interval" in result.stdout
