@@ -6,7 +6,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 5672
 KEYS   ?= keys
 
-.PHONY: install run-server test lint clean keys
+.PHONY: install run-server test lint clean keys demo send receive
 
 install: $(VENV)/.installed
 
@@ -18,6 +18,22 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 run-server: install
 	$(PY) -m ciphermq.server --host $(HOST) --port $(PORT) $(ARGS)
+
+# The receiver's key pair, made once (delete keys/*.pem to make new ones).
+keys: install $(KEYS)/receiver_private.pem
+
+$(KEYS)/receiver_private.pem:
+	$(PY) bin/RSA.py --out-dir $(KEYS)
+
+# Broker + receiver + sender end to end on a free port; prints what was received.
+demo: install keys
+	$(PY) bin/demo.py $(ARGS)
+
+send: install keys
+	$(PY) bin/Sender.py --host $(HOST) --port $(PORT) $(ARGS)
+
+receive: install keys
+	$(PY) bin/Receiver.py --host $(HOST) --port $(PORT) $(ARGS)
 
 test: install
 	$(PY) -m pytest $(ARGS)
