@@ -13,12 +13,19 @@ A message copy in a queue is in one of two states::
             disconnect
 
 A message is never dropped: it leaves the broker only by an ack.
+
+With a :class:`~ciphermq.journal.Journal` attached, every change that must
+survive a crash is appended to it under the mutex (a memory append; the disk
+write happens in the journal's own thread) and :meth:`Broker.sync` waits
+until it is on disk.  In-flight state is not journaled: after a restart,
+whatever was in flight is simply ready again.
 """
 import collections
 import logging
 import threading
 import time
 
+from . import recovery
 from .errors import BrokerError
 from .routing import Exchange
 
@@ -108,13 +115,16 @@ class Broker:
 
     def __init__(self, *, redelivery_interval=30.0, max_deliveries=10,
                  max_queue_length=1_000_000, dedup_window=3600.0,
-                 dedup_max_ids=1_000_000, clock=time.monotonic):
+                 dedup_max_ids=1_000_000, clock=time.monotonic, wall_clock=time.time,
+                 journal=None):
         self.redelivery_interval = redelivery_interval
         self.max_deliveries = max_deliveries
         self.max_queue_length = max_queue_length
         self.dedup_window = dedup_window
         self.dedup_max_ids = dedup_max_ids
         self.clock = clock
+        self.wall_clock = wall_clock
+        self.journal = journal
         #: The one broker lock.  Guards every attribute below, every Queue,
         #: Exchange, Consumer and Session.  Conditions sharing it: each
         #: Session.has_outbox.  Lock order: a connection's send_lock may be
@@ -126,6 +136,7 @@ class Broker:
         self._live = {}             # message id -> copies not yet acked
         self._acked_at = {}         # message id -> clock() of its first ack
         self._acked_order = collections.deque()   # ids in _acked_at, oldest first
+        self._live_bytes = 0        # envelope bytes of live messages (compaction rule)
         self.totals = dict.fromkeys(
             ("published", "duplicates", "delivered", "redelivered", "acked", "dead_lettered"), 0)
 
@@ -142,6 +153,7 @@ class Broker:
             exchange = self._exchanges.get(name)
             if exchange is None:
                 self._exchanges[name] = Exchange(name, kind)
+                self._record(recovery.exchange_record, name, kind)
             elif exchange.kind != kind:
                 raise BrokerError("exchange '%s' already exists with type %s"
                                   % (name, exchange.kind))
@@ -150,7 +162,8 @@ class Broker:
         """Bind a queue to an exchange; both must exist."""
         with self.mutex:
             exchange = self._exchange(exchange_name)
-            exchange.bind(binding_key, self._queue(queue_name))
+            if exchange.bind(binding_key, self._queue(queue_name)):
+                self._record(recovery.binding_record, exchange_name, queue_name, binding_key)
 
     def declare_defaults(self):
         """What the original server did at start, so the document's clients just work."""
@@ -181,7 +194,9 @@ class Broker:
                 if len(queue) >= self.max_queue_length:
                     raise BrokerError("queue '%s' is full" % queue.name)
             self._live[message_id] = len(queues)
+            self._live_bytes += len(body)
             self.totals["published"] += 1
+            self._record(recovery.publish_record, message_id, [q.name for q in queues], body)
             for queue in queues:
                 queue.ready.append(Message(message_id, body, queue))
                 if queue.consumers:
@@ -252,9 +267,11 @@ class Broker:
                 raise BrokerError("message '%s' is not delivered to this connection"
                                   % message_id)
             self._release(message)
-            self._forget_copy(message_id)
+            self._forget_copy(message)
             self.totals["acked"] += 1
             self._dispatch(message.queue)
+            if self.journal is not None and self.journal.wants_compaction(self._live_bytes):
+                self.journal.request_compaction()
             return True
 
     def nack(self, session, message_id):
@@ -312,6 +329,76 @@ class Broker:
         _log_events(events)
         return next_due
 
+    # -- durability -----------------------------------------------------------
+
+    def sync(self, timeout=None):
+        """Block until every change made so far is on disk (no-op without a journal).
+
+        Returns False on timeout; raises JournalError if the journal failed.
+        Must not be called with the mutex held.
+        """
+        if self.journal is None:
+            return True
+        return self.journal.sync(timeout)
+
+    def restore(self, state):
+        """Rebuild queues, bindings, ready messages and the dedup window from a journal.
+
+        Called once, before any client connects.  Messages that were in flight
+        when the journal was written are ready again, in their original order.
+        """
+        with self.mutex:
+            journal, self.journal = self.journal, None      # replaying is not news
+            try:
+                for name in state.queues:
+                    self._declare_queue(name)
+                for name, kind in state.exchanges.items():
+                    self._exchanges.setdefault(name, Exchange(name, kind))
+                for exchange, queue, key in state.bindings:
+                    if exchange in self._exchanges and queue in self._queues:
+                        self._exchanges[exchange].bind(key, self._queues[queue])
+                for message_id, (body, names) in state.live.items():
+                    self._live[message_id] = len(names)
+                    self._live_bytes += len(body)
+                    for name in names:
+                        queue = self._declare_queue(name)
+                        queue.ready.append(Message(message_id, body, queue))
+                self._restore_acked(state.acked)
+            finally:
+                self.journal = journal
+            return len(state.live)
+
+    def _restore_acked(self, acked):
+        """Acked ids with wall-clock ack times back into the (monotonic) dedup window."""
+        now, wall_now_ms = self.clock(), self.wall_clock() * 1000
+        for message_id, wall_ms in sorted(acked.items(), key=lambda item: item[1]):
+            age = max(0.0, (wall_now_ms - wall_ms) / 1000)
+            if age < self.dedup_window and message_id not in self._acked_at:
+                self._acked_at[message_id] = now - age
+                self._acked_order.append(message_id)
+        while len(self._acked_order) > self.dedup_max_ids:
+            del self._acked_at[self._acked_order.popleft()]
+
+    def snapshot_to_journal(self):
+        """Journal compaction callback: hand the journal a snapshot and a cut, atomically."""
+        with self.mutex:
+            state = recovery.RecoveredState()
+            for name in self._queues:
+                state.queues[name] = None
+            for name, exchange in self._exchanges.items():
+                state.exchanges[name] = exchange.kind
+                for key, queue in exchange.bindings():
+                    state.bindings.append((name, queue.name, key))
+            in_flight = [m for session in self._sessions for m in session.unacked.values()]
+            for message in in_flight + [m for q in self._queues.values() for m in q.ready]:
+                entry = state.live.setdefault(message.id, (message.body, []))
+                entry[1].append(message.queue.name)
+            now, wall_now_ms = self.clock(), int(self.wall_clock() * 1000)
+            for message_id in self._acked_order:
+                age_ms = int((now - self._acked_at[message_id]) * 1000)
+                state.acked[message_id] = wall_now_ms - age_ms
+            self.journal.cut(recovery.snapshot_records(state))
+
     # -- reading ------------------------------------------------------------
 
     def stats(self):
@@ -330,7 +417,13 @@ class Broker:
         queue = self._queues.get(name)
         if queue is None:
             queue = self._queues[name] = Queue(name)
+            self._record(recovery.queue_record, name)
         return queue
+
+    def _record(self, make_record, *args):
+        """Append a journal record, if there is a journal."""
+        if self.journal is not None:
+            self.journal.append(make_record(*args))
 
     def _queue(self, name):
         queue = self._queues.get(name)
@@ -402,6 +495,7 @@ class Broker:
             if message.deliveries >= self.max_deliveries and not queue.is_dead_letter_queue:
                 dead = self._declare_queue(queue.name + DEAD_SUFFIX)
                 dead.ready.append(Message(message.id, message.body, dead))
+                self._record(recovery.dead_letter_record, message.id, queue.name, dead.name)
                 self.totals["dead_lettered"] += 1
                 events.append((logging.WARNING,
                                "Message %s dead-lettered to %s after %d deliveries",
@@ -416,13 +510,17 @@ class Broker:
         for queue in touched:
             self._dispatch(queue)
 
-    def _forget_copy(self, message_id):
+    def _forget_copy(self, message):
         """One copy acked; when none is left the id enters the dedup window."""
+        message_id = message.id
+        self._record(recovery.ack_record, message_id, message.queue.name,
+                     int(self.wall_clock() * 1000))
         left = self._live[message_id] - 1
         if left:
             self._live[message_id] = left
         else:
             del self._live[message_id]
+            self._live_bytes -= len(message.body)
         if message_id not in self._acked_at:
             self._acked_at[message_id] = self.clock()
             self._acked_order.append(message_id)

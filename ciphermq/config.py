@@ -25,3 +25,5 @@ class ServerConfig:
     idle_timeout: Optional[float] = None  # drop a connection silent this long (None: never)
     dedup_window: float = 3600.0         # acked message ids are remembered this long
     dedup_max_ids: int = 1_000_000       # ... and at most this many of them
+    data_dir: Optional[str] = None       # journal here (None: memory only, as the document)
+    compact_min_bytes: int = 64 * 1024 * 1024   # never compact a journal smaller than this

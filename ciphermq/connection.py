@@ -21,6 +21,7 @@ import threading
 
 from . import protocol
 from .errors import CipherMQError, ProtocolError
+from .journal import JournalError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class Connection(socketserver.BaseRequestHandler):
         self.thread = threading.current_thread()
         self.session = self.broker.open_session(self.peer)
         self._replies = []          # replies to the commands of the current read
+        self._must_sync = False     # a reply in _replies promises something is on disk
         self._writer = None
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # One timeout for both directions: for sends it is the write deadline;
@@ -59,6 +61,8 @@ class Connection(socketserver.BaseRequestHandler):
             for line in framer.feed(data):
                 self._execute(line)
             if self._replies:
+                if not self._sync():
+                    return
                 with self.send_lock:
                     if not self._flush_locked():
                         return
@@ -116,6 +120,24 @@ class Connection(socketserver.BaseRequestHandler):
 
     # -- writing ------------------------------------------------------------
 
+    def _sync(self):
+        """Before replies that promise durability go out, wait for the journal.
+
+        Returns False (and closes the connection, sending nothing) if the
+        journal failed: an ACK must never be sent for a publish not on disk.
+        """
+        if not self._must_sync:
+            return True
+        self._must_sync = False
+        try:
+            self.broker.sync()
+            return True
+        except JournalError as exc:
+            log.error("Closing %s without replies: %s", self.peer, exc)
+            self._replies = []
+            self.close()
+            return False
+
     def _flush_locked(self):
         """Send the pending replies.  Only called with ``send_lock`` held."""
         data = b"".join(self._replies)
@@ -158,6 +180,7 @@ class Connection(socketserver.BaseRequestHandler):
     def do_declare_queue(self, args):
         (name,) = protocol.split_args(args, "declare_queue <queue>", 1)
         self.broker.declare_queue(protocol.parse_name(name, "queue"))
+        self._must_sync = True
         self._replies.append(protocol.QUEUE_DECLARED)
 
     def do_declare_exchange(self, args):
@@ -166,6 +189,7 @@ class Connection(socketserver.BaseRequestHandler):
         name = protocol.parse_name(words[0], "exchange")
         kind = protocol.parse_exchange_type(words[1]) if len(words) > 1 else "direct"
         self.broker.declare_exchange(name, kind)
+        self._must_sync = True
         self._replies.append(protocol.EXCHANGE_DECLARED)
 
     def do_bind(self, args):
@@ -174,11 +198,13 @@ class Connection(socketserver.BaseRequestHandler):
         self.broker.bind(protocol.parse_name(exchange, "exchange"),
                          protocol.parse_name(queue, "queue"),
                          protocol.parse_routing_key(key, binding=True))
+        self._must_sync = True
         self._replies.append(protocol.QUEUE_BOUND)
 
     def do_publish(self, args):
         exchange, routing_key, message_id, body = protocol.parse_publish(args)
         self.broker.publish(exchange, routing_key, message_id, body)
+        self._must_sync = True      # also for a duplicate: its first copy may not be on disk yet
         self._replies.append(protocol.ack_reply(message_id))
 
     def do_consume(self, args):
@@ -187,6 +213,8 @@ class Connection(socketserver.BaseRequestHandler):
         prefetch = (protocol.parse_prefetch(words[1]) if len(words) > 1
                     else self.config.default_prefetch)
         self._start_delivery_thread()
+        if not self._sync():        # earlier replies in this read may be ACKs
+            return
         # The reply must reach the client before the first pushed message:
         # holding send_lock keeps the delivery thread from writing until then.
         with self.send_lock:

@@ -17,10 +17,12 @@ class Exchange:
         self._cache = {}        # routing key -> tuple of queues, cleared by bind()
 
     def bind(self, binding_key, queue):
-        """Bind ``queue`` under ``binding_key``; binding twice is a no-op."""
-        if (binding_key, queue) not in self._bindings:
-            self._bindings.append((binding_key, queue))
-            self._cache.clear()
+        """Bind ``queue`` under ``binding_key``; True if new (binding twice is a no-op)."""
+        if (binding_key, queue) in self._bindings:
+            return False
+        self._bindings.append((binding_key, queue))
+        self._cache.clear()
+        return True
 
     def bindings(self):
         return list(self._bindings)

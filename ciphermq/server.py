@@ -4,13 +4,18 @@
 (``ciphermq-accept``), one handler thread per connection (see
 :mod:`ciphermq.connection`), and the redelivery timer.
 
+With ``data_dir`` set, the broker first replays its journal (see
+:mod:`ciphermq.journal`) and then appends to it; without it, everything lives
+in memory, as in the design document, and a crash loses what is queued.
+
 Shutdown order (``stop()``), each step waiting for the one before:
 
 1. stop accepting: ``shutdown()`` ends ``serve_forever`` in the accept thread;
 2. stop the redelivery timer;
 3. shut every open connection's socket down, so its reader sees EOF, hands its
    unacked messages back to the broker and stops its delivery thread;
-4. join every handler thread (bounded), then close the listening socket.
+4. join every handler thread (bounded), then close the listening socket;
+5. write what the journal still buffers and close it.
 """
 import argparse
 import logging
@@ -19,10 +24,11 @@ import socketserver
 import sys
 import threading
 
-from . import __version__
+from . import __version__, recovery
 from .broker import Broker
 from .config import ServerConfig
 from .connection import Connection
+from .journal import Journal, JournalError
 from .redelivery import RedeliveryTimer
 
 log = logging.getLogger(__name__)
@@ -36,14 +42,28 @@ class BrokerServer(socketserver.ThreadingTCPServer):
     block_on_close = False          # ... because stop() joins handler threads itself, bounded
     request_queue_size = 1024       # listen backlog: many clients may connect at once
 
-    def __init__(self, config=None, broker=None):
+    def __init__(self, config=None):
         self.config = config or ServerConfig()
-        self.broker = broker or Broker(
+        #: Set when the broker should stop: by a signal in main(), or by a failed journal.
+        self.stop_requested = threading.Event()
+        self.journal = None
+        if self.config.data_dir is not None:
+            self.journal = Journal(self.config.data_dir,
+                                   compact_min_bytes=self.config.compact_min_bytes)
+            self.journal.on_failure = self.stop_requested.set
+            state = recovery.fold(self.journal.recover())
+        self.broker = Broker(
             redelivery_interval=self.config.redelivery_interval,
             max_deliveries=self.config.max_deliveries,
             max_queue_length=self.config.max_queue_length,
             dedup_window=self.config.dedup_window,
-            dedup_max_ids=self.config.dedup_max_ids)
+            dedup_max_ids=self.config.dedup_max_ids,
+            journal=self.journal)
+        if self.journal is not None:
+            restored = self.broker.restore(state)
+            log.info("Journal %s: recovered %d message(s), %d queue(s), %d acked id(s)",
+                     self.journal.path, restored, len(state.queues), len(state.acked))
+            self.journal.start(snapshot=self.broker.snapshot_to_journal)
         self.broker.declare_defaults()
         #: Guards _connections (the open Connection handlers), _admitted
         #: (accepted and not yet finished, for max_connections) and _stopping.
@@ -53,7 +73,12 @@ class BrokerServer(socketserver.ThreadingTCPServer):
         self._stopping = False
         self._timer = RedeliveryTimer(self.broker)
         self._accept_thread = None
-        super().__init__((self.config.host, self.config.port), Connection)
+        try:
+            super().__init__((self.config.host, self.config.port), Connection)
+        except OSError:
+            if self.journal is not None:
+                self.journal.close()
+            raise
 
     @property
     def address(self):
@@ -86,6 +111,8 @@ class BrokerServer(socketserver.ThreadingTCPServer):
             if connection.thread.is_alive():
                 log.warning("Connection %s did not stop within %.1f s", connection.peer, timeout)
         self.server_close()
+        if self.journal is not None:
+            self.journal.close()
         log.info("CipherMQ broker stopped")
 
     def __enter__(self):
@@ -164,6 +191,9 @@ def build_parser():
         help="drop a client that sends nothing for this long (default: never)")
     add("--dedup-window", type=float, default=defaults.dedup_window, metavar="SECONDS",
         help="remember acked message ids this long, to re-ACK duplicates (default %(default)s)")
+    add("--data-dir", default=None, metavar="DIR",
+        help="keep a journal here so a crash loses nothing that was ACKed "
+             "(default: memory only, as in the design document)")
     add("--log-level", default="INFO",
         choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="(default %(default)s)")
     add("--version", action="version", version="%(prog)s " + __version__)
@@ -182,22 +212,26 @@ def main(argv=None):
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         server = BrokerServer(config_from_args(args))
-    except OSError as exc:
-        log.error("Cannot listen on %s:%d: %s", args.host, args.port, exc)
+    except JournalError as exc:
+        log.error("%s", exc)
         return 1
-    stop = threading.Event()
+    except OSError as exc:
+        log.error("Cannot start on %s:%d: %s", args.host, args.port, exc)
+        return 1
+    signalled = []
 
     def request_stop(signum, frame):
         log.info("Received %s, shutting down", signal.Signals(signum).name)
-        stop.set()
+        signalled.append(signum)
+        server.stop_requested.set()
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     server.start()
-    while not stop.wait(1.0):
+    while not server.stop_requested.wait(1.0):
         pass
     server.stop()
-    return 0
+    return 0 if signalled else 3         # 3: stopped by a journal failure
 
 
 if __name__ == "__main__":

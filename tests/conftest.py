@@ -8,6 +8,7 @@ import pytest
 
 from ciphermq.config import ServerConfig
 from ciphermq.server import BrokerServer
+from processes import BrokerProcess
 
 #: How long a test waits for a line it expects before failing (not a sleep).
 WAIT = 5.0
@@ -133,3 +134,17 @@ class FakeClock:
 
     def advance(self, seconds):
         self.now += seconds
+
+
+@pytest.fixture
+def broker_process():
+    """Start ``python -m ciphermq.server`` processes; all killed (if still running) at teardown."""
+    started = []
+
+    def start(*args, port=0):
+        process = BrokerProcess(*args, port=port)
+        started.append(process)
+        return process
+    yield start
+    for process in started:
+        process.close()

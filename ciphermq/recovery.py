@@ -1,0 +1,131 @@
+"""What journal records mean: building them, and folding them back into state.
+
+:mod:`ciphermq.journal` moves bytes to and from disk; this module knows what
+the bytes say.  ``fold(payloads)`` replays a journal into a plain
+:class:`RecoveredState` that :meth:`ciphermq.broker.Broker.restore` turns
+into live queues; ``snapshot_records`` writes a state back out as the
+shortest journal that says the same thing (compaction).
+"""
+import logging
+
+log = logging.getLogger(__name__)
+
+#: The queue field of an ack record that only keeps an id in the dedup window
+#: (``*`` can never be a queue name).
+DEDUP_ONLY = "*"
+
+
+def queue_record(name):
+    return b"Q " + name.encode("ascii")
+
+
+def exchange_record(name, kind):
+    return b"X %s %s" % (name.encode("ascii"), kind.encode("ascii"))
+
+
+def binding_record(exchange, queue, key):
+    return b"B %s %s %s" % (exchange.encode("ascii"), queue.encode("ascii"), key.encode("ascii"))
+
+
+def publish_record(message_id, queue_names, body):
+    return b"P %s %s %s" % (message_id.encode("ascii"),
+                            ",".join(queue_names).encode("ascii"), body)
+
+
+def ack_record(message_id, queue_name, wall_ms):
+    return b"A %s %s %d" % (message_id.encode("ascii"), queue_name.encode("ascii"), wall_ms)
+
+
+def dead_letter_record(message_id, from_queue, to_queue):
+    return b"D %s %s %s" % (message_id.encode("ascii"), from_queue.encode("ascii"),
+                            to_queue.encode("ascii"))
+
+
+class RecoveredState:
+    """Everything a journal says, in plain containers, in the order it was said."""
+
+    def __init__(self):
+        self.queues = {}            # name -> None (an ordered set)
+        self.exchanges = {}         # name -> type
+        self.bindings = []          # (exchange, queue, key)
+        self.live = {}              # message id -> (body, [queue names holding a copy])
+        self.acked = {}             # message id -> wall-clock ms of its ack
+
+    def __repr__(self):
+        return "<RecoveredState %d queues, %d live messages, %d acked ids>" % (
+            len(self.queues), len(self.live), len(self.acked))
+
+
+def fold(payloads):
+    """Replay record payloads (oldest first) into a :class:`RecoveredState`."""
+    state = RecoveredState()
+    for payload in payloads:
+        kind, _, rest = payload.partition(b" ")
+        handler = _FOLDERS.get(kind)
+        if handler is None:
+            log.warning("Journal: skipping unknown record type %r", kind[:8])
+            continue
+        handler(state, rest)
+    return state
+
+
+def _fold_queue(state, rest):
+    state.queues[rest.decode("ascii")] = None
+
+
+def _fold_exchange(state, rest):
+    name, kind = rest.decode("ascii").split(" ")
+    state.exchanges[name] = kind
+
+
+def _fold_binding(state, rest):
+    binding = tuple(rest.decode("ascii").split(" "))
+    if binding not in state.bindings:
+        state.bindings.append(binding)
+
+
+def _fold_publish(state, rest):
+    message_id, queues, body = rest.split(b" ", 2)
+    message_id = message_id.decode("ascii")
+    names = queues.decode("ascii").split(",")
+    for name in names:
+        state.queues.setdefault(name, None)
+    state.live[message_id] = (body, names)
+
+
+def _fold_ack(state, rest):
+    message_id, queue, wall_ms = rest.decode("ascii").split(" ")
+    entry = state.live.get(message_id)
+    if entry is not None and queue in entry[1]:
+        entry[1].remove(queue)
+        if not entry[1]:
+            del state.live[message_id]
+    # As in the broker: the first acked copy puts the id in the dedup window.
+    state.acked.setdefault(message_id, int(wall_ms))
+
+
+def _fold_dead_letter(state, rest):
+    message_id, from_queue, to_queue = rest.decode("ascii").split(" ")
+    entry = state.live.get(message_id)
+    if entry is not None and from_queue in entry[1]:
+        names = entry[1]
+        names[names.index(from_queue)] = to_queue
+        state.queues.setdefault(to_queue, None)
+
+
+_FOLDERS = {b"Q": _fold_queue, b"X": _fold_exchange, b"B": _fold_binding,
+            b"P": _fold_publish, b"A": _fold_ack, b"D": _fold_dead_letter}
+
+
+def snapshot_records(state):
+    """The records that rebuild ``state`` (a RecoveredState), generated lazily."""
+    for name in state.queues:
+        yield queue_record(name)
+    for name, kind in state.exchanges.items():
+        yield exchange_record(name, kind)
+    for exchange, queue, key in state.bindings:
+        yield binding_record(exchange, queue, key)
+    for message_id, (body, names) in state.live.items():
+        yield publish_record(message_id, names, body)
+    for message_id, wall_ms in state.acked.items():
+        yield ack_record(message_id, DEDUP_ONLY, wall_ms)
