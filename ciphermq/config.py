@@ -27,3 +27,5 @@ class ServerConfig:
     dedup_max_ids: int = 1_000_000       # ... and at most this many of them
     data_dir: Optional[str] = None       # journal here (None: memory only, as the document)
     compact_min_bytes: int = 64 * 1024 * 1024   # never compact a journal smaller than this
+    chaos: Optional[str] = None          # fault injection spec (ciphermq/chaos.py); None: off
+    chaos_seed: Optional[int] = None

@@ -40,6 +40,7 @@ class Connection(socketserver.BaseRequestHandler):
         #: thread's pushes.  May be held while taking broker.mutex, never the reverse.
         self.send_lock = threading.Lock()
         self.thread = threading.current_thread()
+        self.chaos = self.server.chaos  # None unless --chaos: see ciphermq/chaos.py
         self.session = self.broker.open_session(self.peer)
         self._replies = []          # replies to the commands of the current read
         self._must_sync = False     # a reply in _replies promises something is on disk
@@ -63,6 +64,7 @@ class Connection(socketserver.BaseRequestHandler):
             if self._replies:
                 if not self._sync():
                     return
+                self._chaos_pause()
                 with self.send_lock:
                     if not self._flush_locked():
                         return
@@ -117,6 +119,8 @@ class Connection(socketserver.BaseRequestHandler):
             command(self, args)
         except CipherMQError as exc:
             self._replies.append(protocol.error_reply(exc))
+        if self.chaos and self.chaos.strikes("disconnect", "dropping connection %s" % self.peer):
+            self.close()
 
     # -- writing ------------------------------------------------------------
 
@@ -156,6 +160,13 @@ class Connection(socketserver.BaseRequestHandler):
         self.close()
         return False
 
+    def _chaos_pause(self):
+        """Chaos mode's injected delay (a fault, not synchronisation); ends early on shutdown."""
+        if self.chaos:
+            delay = self.chaos.delay()
+            if delay:
+                self.server.stop_requested.wait(delay)
+
     def _start_delivery_thread(self):
         if self._writer is None:
             self._writer = threading.Thread(
@@ -169,6 +180,10 @@ class Connection(socketserver.BaseRequestHandler):
             batch = self.broker.take_outbox(self.session, timeout=self.config.write_timeout)
             if batch is None:
                 return
+            if self.chaos:
+                batch = [delivery for delivery in batch if not self.chaos.strikes(
+                    "drop-delivery", "losing the push of message %s" % delivery[0])]
+                self._chaos_pause()
             if batch:
                 data = b"".join([message_line(*delivery) for delivery in batch])
                 with self.send_lock:
@@ -205,6 +220,9 @@ class Connection(socketserver.BaseRequestHandler):
         exchange, routing_key, message_id, body = protocol.parse_publish(args)
         self.broker.publish(exchange, routing_key, message_id, body)
         self._must_sync = True      # also for a duplicate: its first copy may not be on disk yet
+        if self.chaos and self.chaos.strikes(
+                "drop-ack", "withholding ACK for message %s" % message_id):
+            return
         self._replies.append(protocol.ack_reply(message_id))
 
     def do_consume(self, args):
@@ -233,6 +251,9 @@ class Connection(socketserver.BaseRequestHandler):
         message_id = protocol.parse_name(raw_id, "message id")
         if self.broker.ack(self.session, message_id):
             log.debug("Message %s acknowledged", message_id)
+        if self.chaos and self.chaos.strikes(
+                "drop-confirm", "withholding ACK_CONFIRMED for message %s" % message_id):
+            return
         self._replies.append(protocol.ack_confirmed_reply(message_id))
 
     def do_nack(self, args):

@@ -26,6 +26,7 @@ import threading
 
 from . import __version__, recovery
 from .broker import Broker
+from .chaos import Chaos, ChaosSpecError
 from .config import ServerConfig
 from .connection import Connection
 from .journal import Journal, JournalError
@@ -46,6 +47,7 @@ class BrokerServer(socketserver.ThreadingTCPServer):
         self.config = config or ServerConfig()
         #: Set when the broker should stop: by a signal in main(), or by a failed journal.
         self.stop_requested = threading.Event()
+        self.chaos = Chaos(self.config.chaos, self.config.chaos_seed) if self.config.chaos else None
         self.journal = None
         if self.config.data_dir is not None:
             self.journal = Journal(self.config.data_dir,
@@ -92,6 +94,9 @@ class BrokerServer(socketserver.ThreadingTCPServer):
             target=self.serve_forever, kwargs={"poll_interval": 0.2}, name="ciphermq-accept")
         self._accept_thread.start()
         log.info("CipherMQ broker listening on %s:%d", *self.address)
+        if self.chaos:
+            log.warning("CHAOS MODE ON (%s, seed %s): faults will be injected on purpose",
+                        self.chaos.spec, self.config.chaos_seed)
         return self
 
     def stop(self, timeout=5.0):
@@ -194,6 +199,11 @@ def build_parser():
     add("--data-dir", default=None, metavar="DIR",
         help="keep a journal here so a crash loses nothing that was ACKed "
              "(default: memory only, as in the design document)")
+    add("--chaos", default=None, metavar="SPEC",
+        help="inject faults for teaching, e.g. drop-ack=0.05,drop-confirm=0.05,"
+             "drop-delivery=0.02,disconnect=0.01,delay-ms=0-20 (default: off)")
+    add("--chaos-seed", type=int, default=None, metavar="N",
+        help="seed for --chaos, so a run can be repeated")
     add("--log-level", default="INFO",
         choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="(default %(default)s)")
     add("--version", action="version", version="%(prog)s " + __version__)
@@ -212,7 +222,7 @@ def main(argv=None):
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         server = BrokerServer(config_from_args(args))
-    except JournalError as exc:
+    except (JournalError, ChaosSpecError) as exc:
         log.error("%s", exc)
         return 1
     except OSError as exc:
