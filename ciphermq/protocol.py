@@ -177,18 +177,45 @@ def parse_publish(args):
     return exchange, routing_key, message_id, body
 
 
+def _unique_keys(pairs):
+    """JSON object hook: a key given twice is refused (parsers disagree on which wins)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("duplicate key in JSON object")
+    return obj
+
+
+def _no_constants(name):
+    raise ValueError("%s is not valid JSON" % name)
+
+
+_ENVELOPE_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_no_constants)
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+#: Extra fields are forwarded untouched, within these bounds.
+MAX_EXTRA_FIELDS = 32
+MAX_JSON_DEPTH = 8
+
+
 def parse_envelope(raw):
-    """Validate an envelope's JSON text; return ``(message_id, body_bytes)``."""
+    """Validate an envelope's JSON text; return ``(message_id, body_bytes)``.
+
+    Refused: anything but one JSON object; duplicate keys; NaN/Infinity;
+    missing or non-string required fields; crypto fields that are not
+    base64 text; extra fields nested deeper than MAX_JSON_DEPTH, more than
+    MAX_EXTRA_FIELDS of them, or holding lone surrogates.
+    """
     if not (raw.startswith(b"{") and raw.endswith(b"}")):
         raise ProtocolError("envelope must be a JSON object")
     try:
-        envelope = json.loads(raw.decode("utf-8"))
+        envelope = _ENVELOPE_DECODER.decode(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise ProtocolError("invalid UTF-8 in envelope") from None
     except RecursionError:
         raise ProtocolError("invalid JSON: nested too deeply") from None
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         raise ProtocolError("invalid JSON: %s at position %d" % (exc.msg, exc.pos)) from None
+    except ValueError as exc:           # from the hooks, or an over-long integer
+        raise ProtocolError("invalid JSON: %s" % exc) from None
     if not isinstance(envelope, dict):
         raise ProtocolError("envelope must be a JSON object")
     for field in ENVELOPE_FIELDS:
@@ -200,10 +227,44 @@ def parse_envelope(raw):
     message_id = envelope["message_id"]
     if not _NAME.fullmatch(message_id.encode("utf-8", "replace")):
         raise ProtocolError("invalid message_id (1-128 of A-Z a-z 0-9 . _ : -)")
+    for field in ENVELOPE_FIELDS[1:]:
+        if not _BASE64.fullmatch(envelope[field]):
+            raise ProtocolError("field '%s' must be base64 text" % field)
+    if len(envelope) > len(ENVELOPE_FIELDS):
+        _check_extra_fields(envelope)
     if DELIVERY_COUNT in envelope:
         del envelope[DELIVERY_COUNT]
         raw = json.dumps(envelope, separators=(", ", ": ")).encode("utf-8")
     return message_id, raw
+
+
+def _check_extra_fields(envelope):
+    extras = [value for key, value in envelope.items() if key not in ENVELOPE_FIELDS]
+    if len(extras) > MAX_EXTRA_FIELDS:
+        raise ProtocolError("too many fields (at most %d extra)" % MAX_EXTRA_FIELDS)
+    for key in envelope:
+        _check_text(key)
+    for value in extras:
+        _check_value(value, 1)
+
+
+def _check_value(value, depth):
+    if isinstance(value, str):
+        _check_text(value)
+    elif isinstance(value, (dict, list)):
+        if depth >= MAX_JSON_DEPTH:
+            raise ProtocolError("JSON nested deeper than %d levels" % MAX_JSON_DEPTH)
+        for key in value if isinstance(value, dict) else ():
+            _check_text(key)
+        for item in value.values() if isinstance(value, dict) else value:
+            _check_value(item, depth + 1)
+
+
+def _check_text(text):
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ProtocolError("invalid string in envelope (lone surrogate)") from None
 
 
 def quote(raw, limit=40):
@@ -221,6 +282,7 @@ QUEUE_BOUND = b"Queue bound\n"
 SUBSCRIBED = b"Subscribed to queue\n"
 NO_MESSAGES = b"No messages\n"
 PONG = b"PONG\n"
+AUTH_OK = b"AUTH_OK\n"
 
 
 def ack_reply(message_id):
