@@ -6,7 +6,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 5672
 KEYS   ?= keys
 
-.PHONY: install run-server test lint clean keys demo send receive
+.PHONY: install run-server test lint clean keys demo send receive certs
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ send: install keys
 
 receive: install keys
 	$(PY) bin/Receiver.py --host $(HOST) --port $(PORT) $(ARGS)
+
+# A throwaway CA, server and client certificates for TLS (certs/, git-ignored).
+certs: install
+	$(PY) bin/certs.py --out-dir certs --client alice
 
 test: install
 	$(PY) -m pytest $(ARGS)

@@ -23,9 +23,16 @@ class ServerConfig:
     default_prefetch: int = 100          # unacked pushes per consumer; 0 = unlimited
     write_timeout: float = 10.0          # a client that does not read is dropped after this
     idle_timeout: Optional[float] = None  # drop a connection silent this long (None: never)
+    line_timeout: float = 30.0           # drop a client that starts a line and never ends it
+    auth_timeout: float = 10.0           # with users_file: authenticate (or finish TLS) by then
+    read_tick: float = 1.0               # how often a waiting reader checks those deadlines
     dedup_window: float = 3600.0         # acked message ids are remembered this long
     dedup_max_ids: int = 1_000_000       # ... and at most this many of them
     data_dir: Optional[str] = None       # journal here (None: memory only, as the document)
     compact_min_bytes: int = 64 * 1024 * 1024   # never compact a journal smaller than this
+    users_file: Optional[str] = None     # access control (ciphermq/access.py); None: off
+    tls_cert: Optional[str] = None       # TLS: server certificate chain (PEM) ...
+    tls_key: Optional[str] = None        # ... and its private key
+    tls_client_ca: Optional[str] = None  # require client certificates signed by this CA
     chaos: Optional[str] = None          # fault injection spec (ciphermq/chaos.py); None: off
     chaos_seed: Optional[int] = None

@@ -13,19 +13,25 @@ Both write the same socket, so ``send_lock`` guards every ``sendall``.  No
 broker lock is ever held while writing: a client that stops reading stalls
 only its own connection, until ``write_timeout`` drops it and the broker
 requeues whatever it held.
+
+The reader also enforces the connection's deadlines, checked every
+``read_tick`` seconds: authenticate within ``auth_timeout`` (with
+``--users``), finish a started line within ``line_timeout`` (slowloris), and,
+if set, send something within ``idle_timeout``.
 """
 import logging
 import socket
 import socketserver
 import threading
+import time
 
 from . import protocol
+from .access import ANONYMOUS
 from .errors import CipherMQError, ProtocolError
 from .journal import JournalError
+from .transport import PlainTransport, TlsTransport, TransportError, set_timeouts
 
 log = logging.getLogger(__name__)
-
-RECV_BYTES = 256 * 1024
 
 
 class Connection(socketserver.BaseRequestHandler):
@@ -41,22 +47,25 @@ class Connection(socketserver.BaseRequestHandler):
         self.send_lock = threading.Lock()
         self.thread = threading.current_thread()
         self.chaos = self.server.chaos  # None unless --chaos: see ciphermq/chaos.py
+        self.transport = None
+        #: Who this is; None until authenticated when the broker has --users.
+        self.principal = ANONYMOUS if self.server.users is None else None
         self.session = self.broker.open_session(self.peer)
         self._replies = []          # replies to the commands of the current read
         self._must_sync = False     # a reply in _replies promises something is on disk
+        self._hang_up = False       # close once the pending replies are out
         self._writer = None
+        self._connected_at = self._line_started = time.monotonic()
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # One timeout for both directions: for sends it is the write deadline;
-        # for recv it is just a tick to check the idle deadline.
-        self.sock.settimeout(self.config.write_timeout)
+        set_timeouts(self.sock, self.config.read_tick, self.config.write_timeout)
         log.info("Client connected: %s", self.peer)
 
     def handle(self):
-        if not self.server.register(self):
-            return                  # the server is stopping
+        if not self.server.register(self) or not self._open_transport():
+            return
         framer = protocol.LineFramer(self.config.max_line_bytes)
         while True:
-            data = self._receive()
+            data = self._receive(framer)
             if not data:
                 return
             for line in framer.feed(data):
@@ -68,6 +77,9 @@ class Connection(socketserver.BaseRequestHandler):
                 with self.send_lock:
                     if not self._flush_locked():
                         return
+            if self._hang_up:
+                self.close()
+                return
 
     def finish(self):
         requeued = self.broker.close_session(self.session)
@@ -85,26 +97,61 @@ class Connection(socketserver.BaseRequestHandler):
         except OSError:
             pass                    # already closed or never connected
 
+    def _open_transport(self):
+        """Plain TCP, or the TLS handshake; a TLS client certificate may name the principal."""
+        if self.server.tls_context is None:
+            self.transport = PlainTransport(self.sock)
+            return True
+        try:
+            self.transport = TlsTransport(self.sock, self.server.tls_context,
+                                          self.config.auth_timeout)
+        except (TransportError, OSError) as exc:
+            log.info("Dropping %s: %s", self.peer, exc)
+            return False
+        if self.transport.tls_name and self.server.users is not None:
+            self.principal = self.server.users.by_certificate(self.transport.tls_name)
+            if self.principal is not None:
+                log.info("%s authenticated as %s by its TLS certificate",
+                         self.peer, self.principal.name)
+        return True
+
     # -- reading ------------------------------------------------------------
 
-    def _receive(self):
-        """The next bytes from the client; b"" when the connection is over."""
-        idle_limit = self.config.idle_timeout
-        waited = 0.0
+    def _receive(self, framer):
+        """The next bytes from the client; b"" when the connection is over or a deadline passed."""
+        started = time.monotonic()
         while True:
             try:
-                return self.sock.recv(RECV_BYTES)
-            except socket.timeout:
-                waited += self.sock.gettimeout()
-                if idle_limit is not None and waited >= idle_limit:
-                    log.info("Dropping %s: idle for %.0f s", self.peer, waited)
+                data = self.transport.recv()
+            except BlockingIOError:             # the read tick: check the deadlines
+                overdue = self._overdue(framer, started)
+                if overdue:
+                    log.info("Dropping %s: %s", self.peer, overdue)
                     return b""
+                continue
             except OSError as exc:
                 log.info("Connection from %s lost: %s", self.peer, exc)
                 return b""
+            if framer.buffered == 0:
+                self._line_started = time.monotonic()   # bytes of a new line may follow
+            return data
+
+    def _overdue(self, framer, waiting_since):
+        """Which deadline has passed, if any (a reason for the log), else None."""
+        now = time.monotonic()
+        config = self.config
+        if self.principal is None and now - self._connected_at > config.auth_timeout:
+            return "not authenticated within %.0f s" % config.auth_timeout
+        if framer.buffered and now - self._line_started > config.line_timeout:
+            return "a line not finished within %.0f s" % config.line_timeout
+        if config.idle_timeout is not None and now - waiting_since > config.idle_timeout:
+            return "idle for %.0f s" % config.idle_timeout
+        return None
 
     def _execute(self, line):
         """Run one command line; its reply (or ``Error: ...``) joins ``_replies``."""
+        if self._hang_up:
+            return                  # a refused client gets no further commands run
         if isinstance(line, protocol.LineTooLong):
             self._replies.append(protocol.error_reply(
                 "line too long (max %d bytes)" % line.limit))
@@ -113,6 +160,9 @@ class Connection(socketserver.BaseRequestHandler):
             verb, args = protocol.split_command(line)
             if verb is None:
                 return              # blank line
+            if self.principal is None and verb != "auth":
+                self._hang_up = True
+                raise ProtocolError("authentication required: send 'auth <name> <token>' first")
             command = self.COMMANDS.get(verb)
             if command is None:
                 raise ProtocolError("unknown command %s" % protocol.quote(verb.encode()))
@@ -150,9 +200,9 @@ class Connection(socketserver.BaseRequestHandler):
 
     def _send_locked(self, data):
         try:
-            self.sock.sendall(data)
+            self.transport.sendall(data)
             return True
-        except socket.timeout:
+        except BlockingIOError:
             log.info("Dropping %s: not reading (write timeout %.1f s)",
                      self.peer, self.config.write_timeout)
         except OSError as exc:
@@ -192,8 +242,27 @@ class Connection(socketserver.BaseRequestHandler):
 
     # -- commands: each appends its reply to self._replies ------------------
 
+    def do_auth(self, args):
+        users = self.server.users
+        if users is None:
+            raise ProtocolError("authentication is not enabled on this broker")
+        if self.principal is not None:
+            raise ProtocolError("already authenticated as %s" % self.principal.name)
+        self._hang_up = True        # one attempt per connection: any failure disconnects
+        name, token = protocol.split_args(args, "auth <name> <token>", 2)
+        principal = users.authenticate(name.decode("utf-8", "replace"),
+                                       token.decode("utf-8", "replace"))
+        if principal is None:
+            log.warning("Authentication failed from %s", self.peer)
+            raise ProtocolError("authentication failed")
+        self._hang_up = False
+        self.principal = principal
+        log.info("%s authenticated as %s", self.peer, principal.name)
+        self._replies.append(protocol.AUTH_OK)
+
     def do_declare_queue(self, args):
         (name,) = protocol.split_args(args, "declare_queue <queue>", 1)
+        self.principal.check_configure()
         self.broker.declare_queue(protocol.parse_name(name, "queue"))
         self._must_sync = True
         self._replies.append(protocol.QUEUE_DECLARED)
@@ -203,6 +272,7 @@ class Connection(socketserver.BaseRequestHandler):
             args, "declare_exchange <exchange> [direct|fanout|topic]", 1, 2)
         name = protocol.parse_name(words[0], "exchange")
         kind = protocol.parse_exchange_type(words[1]) if len(words) > 1 else "direct"
+        self.principal.check_configure()
         self.broker.declare_exchange(name, kind)
         self._must_sync = True
         self._replies.append(protocol.EXCHANGE_DECLARED)
@@ -210,6 +280,7 @@ class Connection(socketserver.BaseRequestHandler):
     def do_bind(self, args):
         exchange, queue, key = protocol.split_args(
             args, "bind <exchange> <queue> <routing_key>", 3)
+        self.principal.check_configure()
         self.broker.bind(protocol.parse_name(exchange, "exchange"),
                          protocol.parse_name(queue, "queue"),
                          protocol.parse_routing_key(key, binding=True))
@@ -218,6 +289,7 @@ class Connection(socketserver.BaseRequestHandler):
 
     def do_publish(self, args):
         exchange, routing_key, message_id, body = protocol.parse_publish(args)
+        self.principal.check_publish(exchange)
         self.broker.publish(exchange, routing_key, message_id, body)
         self._must_sync = True      # also for a duplicate: its first copy may not be on disk yet
         if self.chaos and self.chaos.strikes(
@@ -230,6 +302,7 @@ class Connection(socketserver.BaseRequestHandler):
         queue = protocol.parse_name(words[0], "queue")
         prefetch = (protocol.parse_prefetch(words[1]) if len(words) > 1
                     else self.config.default_prefetch)
+        self.principal.check_consume(queue)
         self._start_delivery_thread()
         if not self._sync():        # earlier replies in this read may be ACKs
             return
@@ -241,8 +314,10 @@ class Connection(socketserver.BaseRequestHandler):
             self._flush_locked()
 
     def do_fetch(self, args):
-        (queue,) = protocol.split_args(args, "fetch <queue>", 1)
-        delivery = self.broker.fetch(self.session, protocol.parse_name(queue, "queue"))
+        (raw_queue,) = protocol.split_args(args, "fetch <queue>", 1)
+        queue = protocol.parse_name(raw_queue, "queue")
+        self.principal.check_consume(queue)
+        delivery = self.broker.fetch(self.session, queue)
         self._replies.append(protocol.NO_MESSAGES if delivery is None
                              else protocol.message_line(*delivery))
 
@@ -264,6 +339,7 @@ class Connection(socketserver.BaseRequestHandler):
 
     def do_stats(self, args):
         protocol.split_args(args, "stats", 0)
+        self.principal.check_configure()
         self._replies.append(protocol.stats_reply(self.broker.stats()))
 
     def do_ping(self, args):
@@ -271,6 +347,7 @@ class Connection(socketserver.BaseRequestHandler):
         self._replies.append(protocol.PONG)
 
     COMMANDS = {
+        "auth": do_auth,
         "declare_queue": do_declare_queue,
         "declare_exchange": do_declare_exchange,
         "bind": do_bind,

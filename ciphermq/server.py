@@ -26,11 +26,13 @@ import threading
 
 from . import __version__, recovery
 from .broker import Broker
+from .access import Users
 from .chaos import Chaos, ChaosSpecError
 from .config import ServerConfig
 from .connection import Connection
 from .journal import Journal, JournalError
 from .redelivery import RedeliveryTimer
+from .transport import server_tls_context
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,11 @@ class BrokerServer(socketserver.ThreadingTCPServer):
         #: Set when the broker should stop: by a signal in main(), or by a failed journal.
         self.stop_requested = threading.Event()
         self.chaos = Chaos(self.config.chaos, self.config.chaos_seed) if self.config.chaos else None
+        self.users = Users.load(self.config.users_file) if self.config.users_file else None
+        self.tls_context = None
+        if self.config.tls_cert:
+            self.tls_context = server_tls_context(self.config.tls_cert, self.config.tls_key,
+                                                  self.config.tls_client_ca)
         self.journal = None
         if self.config.data_dir is not None:
             self.journal = Journal(self.config.data_dir,
@@ -199,6 +206,16 @@ def build_parser():
     add("--data-dir", default=None, metavar="DIR",
         help="keep a journal here so a crash loses nothing that was ACKed "
              "(default: memory only, as in the design document)")
+    add("--line-timeout", type=float, default=defaults.line_timeout, metavar="SECONDS",
+        help="drop a client that takes longer than this to finish a line (default %(default)s)")
+    add("--auth-timeout", type=float, default=defaults.auth_timeout, metavar="SECONDS",
+        help="with --users or TLS: time allowed to authenticate (default %(default)s)")
+    add("--users", dest="users_file", default=None, metavar="FILE",
+        help="turn access control on (see python -m ciphermq.access); default: off")
+    add("--tls-cert", default=None, metavar="PEM", help="serve TLS 1.2+ with this certificate")
+    add("--tls-key", default=None, metavar="PEM", help="the private key of --tls-cert")
+    add("--tls-client-ca", default=None, metavar="PEM",
+        help="require client certificates signed by this CA (mutual TLS)")
     add("--chaos", default=None, metavar="SPEC",
         help="inject faults for teaching, e.g. drop-ack=0.05,drop-confirm=0.05,"
              "drop-delivery=0.02,disconnect=0.01,delay-ms=0-20 (default: off)")
@@ -222,7 +239,7 @@ def main(argv=None):
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         server = BrokerServer(config_from_args(args))
-    except (JournalError, ChaosSpecError) as exc:
+    except (JournalError, ChaosSpecError, ValueError) as exc:
         log.error("%s", exc)
         return 1
     except OSError as exc:

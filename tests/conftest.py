@@ -2,6 +2,7 @@
 import contextlib
 import json
 import socket
+import ssl
 import uuid
 
 import pytest
@@ -21,9 +22,11 @@ class Wire:
     broker wrote.
     """
 
-    def __init__(self, address, timeout=WAIT):
+    def __init__(self, address, timeout=WAIT, tls=None):
         self.sock = socket.create_connection(address, timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:         # an ssl.SSLContext: one thread per Wire, so SSLSocket is fine
+            self.sock = tls.wrap_socket(self.sock, server_hostname="localhost")
         self._buffer = b""
 
     def send(self, data):
@@ -50,6 +53,23 @@ class Wire:
         self.send(command if command.endswith("\n") else command + "\n")
         return self.text()
 
+    def receive_and_ack(self, count):
+        """Consume ``count`` distinct messages, acking each; return ids in arrival order.
+
+        Returns once every one of them is confirmed (pushes and confirmations
+        interleave on a consuming connection, so lines are told apart by prefix).
+        """
+        received, confirmed = [], set()
+        while len(confirmed) < count:
+            line = self.text()
+            if line.startswith("ACK_CONFIRMED "):
+                confirmed.add(line.split(" ", 1)[1])
+                continue
+            message_id, _ = parse_message(line)
+            received.append(message_id)
+            self.send("ack %s\n" % message_id)
+        return received
+
     def expect_nothing(self, within=0.3):
         """Assert no line arrives within ``within`` seconds (a bounded read, not a sleep)."""
         try:
@@ -65,7 +85,7 @@ class Wire:
             while True:
                 if not self.sock.recv(65536):
                     return True
-        except (ConnectionResetError, BrokenPipeError):
+        except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
             return True
         except socket.timeout:
             return False

@@ -1,0 +1,127 @@
+"""TLS transport: encrypted wire, TLS 1.2+, mutual TLS naming the principal."""
+import json
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ciphermq import access
+from conftest import WAIT, Wire, publish_line
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    """A throwaway CA with server, alice and mallory certificates, made by bin/certs.py."""
+    out = tmp_path_factory.mktemp("certs")
+    subprocess.run([sys.executable, str(REPO / "bin" / "certs.py"), "--out-dir", str(out),
+                    "--client", "alice"], check=True, capture_output=True, timeout=60)
+    rogue = tmp_path_factory.mktemp("rogue")       # a different CA entirely
+    subprocess.run([sys.executable, str(REPO / "bin" / "certs.py"), "--out-dir", str(rogue),
+                    "--client", "alice"], check=True, capture_output=True, timeout=60)
+    return out, rogue
+
+
+def client_context(certs_dir, name=None):
+    context = ssl.create_default_context(cafile=str(certs_dir / "ca.pem"))
+    if name:
+        context.load_cert_chain(str(certs_dir / ("%s.pem" % name)),
+                                str(certs_dir / ("%s.key" % name)))
+    return context
+
+
+def tls_server(start_server, certs_dir, **extra):
+    return start_server(tls_cert=str(certs_dir / "server.pem"),
+                        tls_key=str(certs_dir / "server.key"), **extra)
+
+
+def test_publish_and_consume_over_tls(start_server, certs):
+    """The whole protocol works over TLS, pushes and replies interleaved on one connection."""
+    out, _ = certs
+    server = tls_server(start_server, out)
+    sender = Wire(server.address, tls=client_context(out))
+    receiver = Wire(server.address, tls=client_context(out))
+    try:
+        assert receiver.call("consume default_queue") == "Subscribed to queue"
+        sender.send("".join(publish_line("tls-%d" % i) for i in range(200)))
+        for i in range(200):
+            assert sender.text() == "ACK tls-%d" % i
+        received = receiver.receive_and_ack(200)
+        assert sorted(received) == sorted("tls-%d" % i for i in range(200))
+        assert sender.sock.version() in ("TLSv1.2", "TLSv1.3")
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_plaintext_client_cannot_talk_to_a_tls_broker(start_server, certs):
+    """A client speaking plain text to a TLS broker is dropped; nothing it sent is run."""
+    out, _ = certs
+    server = tls_server(start_server, out, auth_timeout=1.0)
+    client = Wire(server.address)
+    try:
+        client.send(publish_line("plain-1"))
+        assert client.closed_by_peer()
+    finally:
+        client.close()
+    check = Wire(server.address, tls=client_context(out))
+    try:
+        assert json.loads(check.call("stats"))["totals"]["published"] == 0
+    finally:
+        check.close()
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
+def test_tls_1_1_is_refused(start_server, certs):
+    """TLS older than 1.2 cannot connect."""
+    out, _ = certs
+    server = tls_server(start_server, out)
+    context = client_context(out)
+    context.minimum_version = ssl.TLSVersion.TLSv1
+    context.maximum_version = ssl.TLSVersion.TLSv1_1
+    raw = socket.create_connection(server.address, timeout=WAIT)
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        context.wrap_socket(raw, server_hostname="localhost")
+    raw.close()
+
+
+def test_mutual_tls_names_the_principal(start_server, certs, tmp_path):
+    """With --tls-client-ca, a client certificate's name logs the client in without a token."""
+    out, _ = certs
+    users = tmp_path / "users.json"
+    access.add_user(str(users), "alice", ["default_exchange"], [], False)
+    server = tls_server(start_server, out, tls_client_ca=str(out / "ca.pem"),
+                        users_file=str(users))
+    client = Wire(server.address, tls=client_context(out, "alice"))
+    try:
+        assert client.call(publish_line("mtls-1").strip()) == "ACK mtls-1"
+        assert client.call("declare_queue nope").startswith("Error: not allowed: alice")
+    finally:
+        client.close()
+
+
+def test_mutual_tls_refuses_missing_or_foreign_certificates(start_server, certs):
+    """Without a certificate from the trusted CA, the handshake fails."""
+    out, rogue = certs
+    server = tls_server(start_server, out, tls_client_ca=str(out / "ca.pem"))
+    for context in (client_context(out), client_context(out, None)):
+        client = Wire(server.address, tls=context)
+        try:                # TLS 1.3 reports a missing client certificate after the handshake
+            with pytest.raises((ssl.SSLError, ConnectionError, EOFError)):
+                client.call("ping")
+        finally:
+            client.close()
+    foreign = client_context(out)
+    foreign.load_cert_chain(str(rogue / "alice.pem"), str(rogue / "alice.key"))
+    client = Wire(server.address, tls=foreign)
+    try:
+        with pytest.raises((ssl.SSLError, ConnectionError, EOFError)):
+            client.call("ping")
+    finally:
+        client.close()
