@@ -183,25 +183,48 @@ class Broker:
         the key, or a target queue is full -- and then stores nothing.
         """
         with self.mutex:
-            if message_id in self._live or message_id in self._acked_at:
-                self.totals["duplicates"] += 1
-                return False
-            queues = self._exchange(exchange_name).route(routing_key)
-            if not queues:
-                raise BrokerError("unroutable: exchange '%s' has no queue bound for key '%s'"
-                                  % (exchange_name, routing_key))
-            for queue in queues:
-                if len(queue) >= self.max_queue_length:
-                    raise BrokerError("queue '%s' is full" % queue.name)
-            self._live[message_id] = len(queues)
-            self._live_bytes += len(body)
-            self.totals["published"] += 1
-            self._record(recovery.publish_record, message_id, [q.name for q in queues], body)
-            for queue in queues:
-                queue.ready.append(Message(message_id, body, queue))
-                if queue.consumers:
-                    self._dispatch(queue)
-            return True
+            return self._publish(exchange_name, routing_key, message_id, body)
+
+    def publish_many(self, publishes):
+        """Publish ``(exchange, routing_key, message_id, body)`` tuples under one lock hold.
+
+        Returns one result per publish, in order: True (stored), False
+        (duplicate) or the BrokerError that refused it.  A connection uses
+        this for the publishes of one read, so N of them cost one lock
+        round trip instead of N.
+        """
+        results = []
+        with self.mutex:
+            for publish in publishes:
+                try:
+                    results.append(self._publish(*publish))
+                except BrokerError as exc:
+                    results.append(exc)
+        return results
+
+    def _publish(self, exchange_name, routing_key, message_id, body):
+        """publish() with the mutex held."""
+        if message_id in self._live or message_id in self._acked_at:
+            self.totals["duplicates"] += 1
+            return False
+        queues = self._exchange(exchange_name).route(routing_key)
+        if not queues:
+            raise BrokerError("unroutable: exchange '%s' has no queue bound for key '%s'"
+                              % (exchange_name, routing_key))
+        for queue in queues:
+            if len(queue) >= self.max_queue_length:
+                raise BrokerError("queue '%s' is full" % queue.name)
+        self._live[message_id] = len(queues)
+        self._live_bytes += len(body)
+        self.totals["published"] += 1
+        if self.journal is not None:
+            self.journal.append(recovery.publish_record(
+                message_id, [queue.name for queue in queues], body))
+        for queue in queues:
+            queue.ready.append(Message(message_id, body, queue))
+            if queue.consumers:
+                self._dispatch(queue)
+        return True
 
     # -- consuming ----------------------------------------------------------
 
@@ -260,19 +283,36 @@ class Broker:
         BrokerError for a message this session does not hold.
         """
         with self.mutex:
-            message = session.unacked.pop(message_id, None)
-            if message is None:
-                if message_id in self._acked_at:
-                    return False
-                raise BrokerError("message '%s' is not delivered to this connection"
-                                  % message_id)
-            self._release(message)
-            self._forget_copy(message)
-            self.totals["acked"] += 1
-            self._dispatch(message.queue)
-            if self.journal is not None and self.journal.wants_compaction(self._live_bytes):
-                self.journal.request_compaction()
-            return True
+            return self._ack(session, message_id)
+
+    def ack_many(self, session, message_ids):
+        """Acknowledge several messages under one lock hold (see publish_many).
+
+        Returns one result per id: True, False or the BrokerError, as ack() would.
+        """
+        results = []
+        with self.mutex:
+            for message_id in message_ids:
+                try:
+                    results.append(self._ack(session, message_id))
+                except BrokerError as exc:
+                    results.append(exc)
+        return results
+
+    def _ack(self, session, message_id):
+        """ack() with the mutex held."""
+        message = session.unacked.pop(message_id, None)
+        if message is None:
+            if message_id in self._acked_at:
+                return False
+            raise BrokerError("message '%s' is not delivered to this connection" % message_id)
+        self._release(message)
+        self._forget_copy(message)
+        self.totals["acked"] += 1
+        self._dispatch(message.queue)
+        if self.journal is not None and self.journal.wants_compaction(self._live_bytes):
+            self.journal.request_compaction()
+        return True
 
     def nack(self, session, message_id):
         """Give a message back now, for redelivery (or the dead-letter queue)."""
@@ -513,8 +553,9 @@ class Broker:
     def _forget_copy(self, message):
         """One copy acked; when none is left the id enters the dedup window."""
         message_id = message.id
-        self._record(recovery.ack_record, message_id, message.queue.name,
-                     int(self.wall_clock() * 1000))
+        if self.journal is not None:
+            self.journal.append(recovery.ack_record(message_id, message.queue.name,
+                                                    int(self.wall_clock() * 1000)))
         left = self._live[message_id] - 1
         if left:
             self._live[message_id] = left

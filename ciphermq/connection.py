@@ -52,6 +52,8 @@ class Connection(socketserver.BaseRequestHandler):
         self.principal = ANONYMOUS if self.server.users is None else None
         self.session = self.broker.open_session(self.peer)
         self._replies = []          # replies to the commands of the current read
+        self._group_kind = None     # "publish" or "ack": the kind waiting in _group
+        self._group = []            # (parsed command, its slot in _replies)
         self._must_sync = False     # a reply in _replies promises something is on disk
         self._hang_up = False       # close once the pending replies are out
         self._writer = None
@@ -70,6 +72,7 @@ class Connection(socketserver.BaseRequestHandler):
                 return
             for line in framer.feed(data):
                 self._execute(line)
+            self._run_group()
             if self._replies:
                 if not self._sync():
                     return
@@ -166,11 +169,46 @@ class Connection(socketserver.BaseRequestHandler):
             command = self.COMMANDS.get(verb)
             if command is None:
                 raise ProtocolError("unknown command %s" % protocol.quote(verb.encode()))
+            if command not in self.GROUPED:
+                self._run_group()   # commands run, and are answered, in the order received
             command(self, args)
         except CipherMQError as exc:
             self._replies.append(protocol.error_reply(exc))
         if self.chaos and self.chaos.strikes("disconnect", "dropping connection %s" % self.peer):
             self.close()
+
+    # -- grouping: publishes and acks of one read take the broker lock once ----
+
+    def _add_to_group(self, kind, item):
+        """Queue a parsed publish or ack; its reply slot is filled by _run_group."""
+        if self._group_kind != kind:
+            self._run_group()
+            self._group_kind = kind
+        self._group.append((item, len(self._replies)))
+        self._replies.append(b"")
+
+    def _run_group(self):
+        if not self._group:
+            return
+        kind, group = self._group_kind, self._group
+        self._group_kind, self._group = None, []
+        if kind == "publish":
+            results = self.broker.publish_many([item for item, _ in group])
+            self._must_sync = True  # even a duplicate's first copy may not be on disk yet
+            ids = [item[2] for item, _ in group]
+            reply, fault, what = protocol.ack_reply, "drop-ack", "ACK"
+        else:
+            ids = [item for item, _ in group]
+            results = self.broker.ack_many(self.session, ids)
+            reply, fault, what = protocol.ack_confirmed_reply, "drop-confirm", "ACK_CONFIRMED"
+        for message_id, (_, slot), result in zip(ids, group, results):
+            if result is True and kind == "ack":
+                log.debug("Message %s acknowledged", message_id)
+            if isinstance(result, CipherMQError):
+                self._replies[slot] = protocol.error_reply(result)
+            elif not (self.chaos and self.chaos.strikes(
+                    fault, "withholding %s for message %s" % (what, message_id))):
+                self._replies[slot] = reply(message_id)
 
     # -- writing ------------------------------------------------------------
 
@@ -288,14 +326,9 @@ class Connection(socketserver.BaseRequestHandler):
         self._replies.append(protocol.QUEUE_BOUND)
 
     def do_publish(self, args):
-        exchange, routing_key, message_id, body = protocol.parse_publish(args)
-        self.principal.check_publish(exchange)
-        self.broker.publish(exchange, routing_key, message_id, body)
-        self._must_sync = True      # also for a duplicate: its first copy may not be on disk yet
-        if self.chaos and self.chaos.strikes(
-                "drop-ack", "withholding ACK for message %s" % message_id):
-            return
-        self._replies.append(protocol.ack_reply(message_id))
+        publish = protocol.parse_publish(args)     # (exchange, routing key, id, body)
+        self.principal.check_publish(publish[0])
+        self._add_to_group("publish", publish)
 
     def do_consume(self, args):
         words = protocol.split_args(args, "consume <queue> [prefetch]", 1, 2)
@@ -323,13 +356,7 @@ class Connection(socketserver.BaseRequestHandler):
 
     def do_ack(self, args):
         (raw_id,) = protocol.split_args(args, "ack <message_id>", 1)
-        message_id = protocol.parse_name(raw_id, "message id")
-        if self.broker.ack(self.session, message_id):
-            log.debug("Message %s acknowledged", message_id)
-        if self.chaos and self.chaos.strikes(
-                "drop-confirm", "withholding ACK_CONFIRMED for message %s" % message_id):
-            return
-        self._replies.append(protocol.ack_confirmed_reply(message_id))
+        self._add_to_group("ack", protocol.parse_name(raw_id, "message id"))
 
     def do_nack(self, args):
         (raw_id,) = protocol.split_args(args, "nack <message_id>", 1)
@@ -345,6 +372,9 @@ class Connection(socketserver.BaseRequestHandler):
     def do_ping(self, args):
         protocol.split_args(args, "ping", 0)
         self._replies.append(protocol.PONG)
+
+    #: Commands queued and run as a group (see _run_group).
+    GROUPED = (do_publish, do_ack)
 
     COMMANDS = {
         "auth": do_auth,
