@@ -91,17 +91,21 @@ class Session:
     """The broker's view of one client connection.
 
     ``outbox`` holds deliveries decided under the broker mutex but not yet
-    written; the connection's delivery thread waits on ``has_outbox`` (a
-    Condition on the broker mutex, notified when the outbox stops being
-    empty or the session closes) and writes them after releasing the lock.
+    written.  They are written after the lock is released, either at once by
+    the thread that caused them (see :meth:`Broker.publish_many`) or by the
+    connection's delivery thread, which waits on ``has_outbox``: a Condition
+    on the broker mutex, notified when the outbox stops being empty, when
+    :meth:`Broker.wake` asks for attention, or when the session closes.
     """
 
-    def __init__(self, name, mutex):
+    def __init__(self, name, mutex, owner=None):
         self.name = name
+        self.owner = owner          # the server's Connection; the broker never uses it
         self.unacked = {}           # message id -> Message, in delivery order
         self.consumers = {}         # queue name -> Consumer
         self.outbox = []            # (message_id, body, delivery_count) to push
         self.has_outbox = threading.Condition(mutex)
+        self.woken = False          # wake() was called: the delivery thread must look
         self.closed = False
 
 
@@ -109,7 +113,7 @@ class Broker:
     """All queue state, and the rules that keep every message until it is acked.
 
     Thread-safe: every public method takes ``mutex`` itself and none blocks
-    except :meth:`take_outbox`.  Methods never log while holding the lock;
+    except :meth:`wait_outbox`.  Methods never log while holding the lock;
     events worth a log line are collected and logged after release.
     """
 
@@ -137,6 +141,7 @@ class Broker:
         self._acked_at = {}         # message id -> clock() of its first ack
         self._acked_order = collections.deque()   # ids in _acked_at, oldest first
         self._live_bytes = 0        # envelope bytes of live messages (compaction rule)
+        self._woken = []            # sessions whose outbox stopped being empty (see _hand_over)
         self.totals = dict.fromkeys(
             ("published", "duplicates", "delivered", "redelivered", "acked", "dead_lettered"), 0)
 
@@ -183,15 +188,24 @@ class Broker:
         the key, or a target queue is full -- and then stores nothing.
         """
         with self.mutex:
-            return self._publish(exchange_name, routing_key, message_id, body)
+            try:
+                return self._publish(exchange_name, routing_key, message_id, body)
+            finally:
+                self._notify_woken()
 
     def publish_many(self, publishes):
         """Publish ``(exchange, routing_key, message_id, body)`` tuples under one lock hold.
 
-        Returns one result per publish, in order: True (stored), False
-        (duplicate) or the BrokerError that refused it.  A connection uses
-        this for the publishes of one read, so N of them cost one lock
-        round trip instead of N.
+        Returns ``(results, woken)``.  ``results`` has one entry per publish,
+        in order: True (stored), False (duplicate) or the BrokerError that
+        refused it.  A connection uses this for the publishes of one read, so
+        N of them cost one lock round trip instead of N.
+
+        ``woken`` lists the sessions that now have pushes waiting and whose
+        delivery threads were *not* notified: the caller must, for each,
+        either write the pushes itself (take_outbox) or call :meth:`wake`.
+        Writing them from the thread that is already running saves waking
+        another thread per message.
         """
         results = []
         with self.mutex:
@@ -200,7 +214,7 @@ class Broker:
                     results.append(self._publish(*publish))
                 except BrokerError as exc:
                     results.append(exc)
-        return results
+            return results, self._take_woken()
 
     def _publish(self, exchange_name, routing_key, message_id, body):
         """publish() with the mutex held."""
@@ -228,9 +242,9 @@ class Broker:
 
     # -- consuming ----------------------------------------------------------
 
-    def open_session(self, name):
+    def open_session(self, name, owner=None):
         with self.mutex:
-            session = Session(name, self.mutex)
+            session = Session(name, self.mutex, owner)
             self._sessions.add(session)
             return session
 
@@ -245,6 +259,7 @@ class Broker:
                 queue.consumers.append(consumer)
             consumer.prefetch = prefetch
             self._dispatch(queue)
+            self._notify_woken()
 
     def fetch(self, session, queue_name):
         """Pull one ready message: ``(id, body, delivery_count)`` or None.
@@ -261,19 +276,33 @@ class Broker:
                     return message.id, message.body, message.deliveries
             return None
 
-    def take_outbox(self, session, timeout=None):
-        """Block until ``session`` has deliveries to write; take them all.
+    def wait_outbox(self, session, timeout=None):
+        """Block until ``session`` has pushes waiting or was woken; False once it is closed.
 
-        Returns a list of ``(message_id, body, delivery_count)``, an empty
-        list if ``timeout`` (seconds) passed first, or None once the session
-        is closed.
+        Also returns (True) when ``timeout`` seconds pass, so callers re-check.
         """
         with self.mutex:
-            session.has_outbox.wait_for(lambda: session.outbox or session.closed, timeout)
+            session.has_outbox.wait_for(
+                lambda: session.outbox or session.woken or session.closed, timeout)
+            session.woken = False
+            return not session.closed
+
+    def take_outbox(self, session):
+        """Take every waiting push: a list of ``(message_id, body, delivery_count)``.
+
+        Does not block; None once the session is closed.
+        """
+        with self.mutex:
             if session.closed:
                 return None
             batch, session.outbox = session.outbox, []
             return batch
+
+    def wake(self, session):
+        """Make the session's delivery thread look at its outbox (and its connection)."""
+        with self.mutex:
+            session.woken = True
+            session.has_outbox.notify()
 
     def ack(self, session, message_id):
         """Acknowledge a message delivered to ``session``; it is then gone for good.
@@ -283,12 +312,16 @@ class Broker:
         BrokerError for a message this session does not hold.
         """
         with self.mutex:
-            return self._ack(session, message_id)
+            try:
+                return self._ack(session, message_id)
+            finally:
+                self._notify_woken()
 
     def ack_many(self, session, message_ids):
-        """Acknowledge several messages under one lock hold (see publish_many).
+        """Acknowledge several messages under one lock hold.
 
-        Returns one result per id: True, False or the BrokerError, as ack() would.
+        Returns ``(results, woken)`` as :meth:`publish_many` does; each result
+        is True, False or the BrokerError, as ack() would give.
         """
         results = []
         with self.mutex:
@@ -297,7 +330,7 @@ class Broker:
                     results.append(self._ack(session, message_id))
                 except BrokerError as exc:
                     results.append(exc)
-        return results
+            return results, self._take_woken()
 
     def _ack(self, session, message_id):
         """ack() with the mutex held."""
@@ -323,6 +356,7 @@ class Broker:
                                   % message_id)
             events = []
             self._requeue([message], events, "nacked")
+            self._notify_woken()
         _log_events(events)
 
     def close_session(self, session):
@@ -339,6 +373,7 @@ class Broker:
             session.outbox = []
             events = []
             self._requeue(held, events, "connection closed")
+            self._notify_woken()
             session.has_outbox.notify_all()
         _log_events(events)
         return len(held)
@@ -366,6 +401,7 @@ class Broker:
                     del session.unacked[message.id]
                 self._requeue(expired, events, "not acked in time")
             self._expire_acked(now)
+            self._notify_woken()
         _log_events(events)
         return next_due
 
@@ -512,8 +548,18 @@ class Broker:
         if consumer is not None:
             consumer.in_flight += 1
             if not session.outbox:
-                session.has_outbox.notify()
+                self._woken.append(session)
             session.outbox.append((message.id, message.body, message.deliveries))
+
+    def _notify_woken(self):
+        """Wake the delivery threads of sessions given pushes by this call."""
+        for session in self._woken:
+            session.has_outbox.notify()
+        self._woken = []
+
+    def _take_woken(self):
+        woken, self._woken = self._woken, []
+        return woken
 
     def _release(self, message):
         """Detach an in-flight message from its holder (already removed from unacked)."""

@@ -9,10 +9,18 @@ Each connection has two threads at most:
   ``consume``, waits for the broker to put messages in this session's outbox
   and writes them.
 
-Both write the same socket, so ``send_lock`` guards every ``sendall``.  No
-broker lock is ever held while writing: a client that stops reading stalls
-only its own connection, until ``write_timeout`` drops it and the broker
-requeues whatever it held.
+Pushes usually do not need the delivery thread at all: the reader that routed
+a message (a publisher's, or a consumer's own after an ack made room) writes
+it straight to the consumer's socket with a non-blocking send
+(:meth:`Connection.deliver_now`), which saves waking a thread per message.
+Whenever that cannot finish at once -- the connection is busy writing, or its
+socket is full -- the delivery thread is woken to do it, with blocking writes.
+
+Every write to a socket happens with its connection's ``send_lock`` held, so
+bytes never interleave, and pushes are taken from the outbox only under that
+lock, so they go out in order.  No broker lock is ever held while writing: a
+client that stops reading stalls only its own connection, until
+``write_timeout`` drops it and the broker requeues whatever it held.
 
 The reader also enforces the connection's deadlines, checked every
 ``read_tick`` seconds: authenticate within ``auth_timeout`` (with
@@ -50,10 +58,11 @@ class Connection(socketserver.BaseRequestHandler):
         self.transport = None
         #: Who this is; None until authenticated when the broker has --users.
         self.principal = ANONYMOUS if self.server.users is None else None
-        self.session = self.broker.open_session(self.peer)
+        self.session = self.broker.open_session(self.peer, owner=self)
         self._replies = []          # replies to the commands of the current read
         self._group_kind = None     # "publish" or "ack": the kind waiting in _group
         self._group = []            # (parsed command, its slot in _replies)
+        self._woken = []            # sessions given pushes by this read, to deliver after it
         self._must_sync = False     # a reply in _replies promises something is on disk
         self._hang_up = False       # close once the pending replies are out
         self._writer = None
@@ -70,19 +79,27 @@ class Connection(socketserver.BaseRequestHandler):
             data = self._receive(framer)
             if not data:
                 return
-            for line in framer.feed(data):
-                self._execute(line)
-            self._run_group()
-            if self._replies:
-                if not self._sync():
+            try:
+                for line in framer.feed(data):
+                    self._execute(line)
+                self._run_group()
+                if not self._answer():
                     return
-                self._chaos_pause()
-                with self.send_lock:
-                    if not self._flush_locked():
-                        return
+            finally:
+                self._deliver_woken()   # after our replies: the publisher waits for its ACK
             if self._hang_up:
                 self.close()
                 return
+
+    def _answer(self):
+        """Send the replies of this read (after the journal has them); False if the connection is over."""
+        if not self._replies:
+            return True
+        if not self._sync():
+            return False
+        self._chaos_pause()
+        with self.send_lock:
+            return self._flush_locked()
 
     def finish(self):
         requeued = self.broker.close_session(self.session)
@@ -193,14 +210,15 @@ class Connection(socketserver.BaseRequestHandler):
         kind, group = self._group_kind, self._group
         self._group_kind, self._group = None, []
         if kind == "publish":
-            results = self.broker.publish_many([item for item, _ in group])
+            results, woken = self.broker.publish_many([item for item, _ in group])
             self._must_sync = True  # even a duplicate's first copy may not be on disk yet
             ids = [item[2] for item, _ in group]
             reply, fault, what = protocol.ack_reply, "drop-ack", "ACK"
         else:
             ids = [item for item, _ in group]
-            results = self.broker.ack_many(self.session, ids)
+            results, woken = self.broker.ack_many(self.session, ids)
             reply, fault, what = protocol.ack_confirmed_reply, "drop-confirm", "ACK_CONFIRMED"
+        self._woken.extend(woken)
         for message_id, (_, slot), result in zip(ids, group, results):
             if result is True and kind == "ack":
                 log.debug("Message %s acknowledged", message_id)
@@ -263,20 +281,49 @@ class Connection(socketserver.BaseRequestHandler):
 
     def _deliver(self):
         """Delivery thread: write what the broker hands this session until it closes."""
+        while self.broker.wait_outbox(self.session, timeout=self.config.write_timeout):
+            self._chaos_pause()
+            with self.send_lock:
+                batch = self.broker.take_outbox(self.session)
+                if batch is None:
+                    return
+                if (batch or self.transport.backlog) and \
+                        not self._send_locked(self._push_lines(batch)):
+                    return
+
+    def _push_lines(self, batch):
+        """The ``Message:`` lines for a batch of deliveries (chaos may lose some)."""
+        if self.chaos:
+            batch = [delivery for delivery in batch if not self.chaos.strikes(
+                "drop-delivery", "losing the push of message %s" % delivery[0])]
         message_line = protocol.message_line
-        while True:
-            batch = self.broker.take_outbox(self.session, timeout=self.config.write_timeout)
-            if batch is None:
-                return
-            if self.chaos:
-                batch = [delivery for delivery in batch if not self.chaos.strikes(
-                    "drop-delivery", "losing the push of message %s" % delivery[0])]
-                self._chaos_pause()
-            if batch:
-                data = b"".join([message_line(*delivery) for delivery in batch])
-                with self.send_lock:
-                    if not self._send_locked(data):
-                        return
+        return b"".join([message_line(*delivery) for delivery in batch])
+
+    def _deliver_woken(self):
+        woken, self._woken = self._woken, []
+        for session in woken:
+            session.owner.deliver_now()
+
+    def deliver_now(self):
+        """Write this session's waiting pushes from the calling thread, never blocking.
+
+        Called by the reader that just routed messages here, often another
+        connection's.  If this connection is busy writing, or its socket
+        cannot take everything at once, the delivery thread is woken to
+        finish the job.  (Chaos mode always leaves pushes to that thread.)
+        """
+        if self.chaos or not self.send_lock.acquire(blocking=False):
+            self.broker.wake(self.session)
+            return
+        try:
+            batch = self.broker.take_outbox(self.session)
+            if batch and not self.transport.send_nowait(self._push_lines(batch)):
+                self.broker.wake(self.session)      # the socket is full: a blocking write is due
+        except OSError as exc:
+            log.info("Connection from %s lost: %s", self.peer, exc)
+            self.close()
+        finally:
+            self.send_lock.release()
 
     # -- commands: each appends its reply to self._replies ------------------
 

@@ -8,6 +8,13 @@ direction (``SO_RCVTIMEO``, ``SO_SNDTIMEO``) on a blocking socket, so that
 is what :func:`set_timeouts` uses; a timed-out call raises
 ``BlockingIOError``.
 
+Writes come in two kinds.  ``sendall`` blocks (up to the write timeout) and is
+used by the connection's own threads.  ``send_nowait`` never blocks: another
+connection's thread uses it to push a message it has just routed here, and
+whatever the socket cannot take at once is kept as ``backlog``, which the next
+``sendall`` writes first.  Callers hold the connection's ``send_lock`` for
+both, so bytes never interleave.
+
 Why not ``ssl.SSLSocket``?  Two threads use a connection at once -- the
 reader in ``recv`` while the delivery thread writes -- and one OpenSSL
 connection must not be driven from two threads concurrently.  So TLS runs
@@ -46,14 +53,35 @@ class PlainTransport:
 
     def __init__(self, sock):
         self.sock = sock
+        self.backlog = b""          # bytes send_nowait could not write yet
 
     def recv(self):
         """The next bytes, b"" at EOF.  Raises BlockingIOError on the read tick, OSError on failure."""
         return self.sock.recv(RECV_BYTES)
 
     def sendall(self, data):
-        """Write everything.  Callers serialise calls (the connection's send_lock)."""
+        """Write the backlog and then ``data``, blocking up to the write timeout.
+
+        Raises BlockingIOError when the write timeout passes, OSError on failure.
+        """
+        if self.backlog:
+            data, self.backlog = self.backlog + data, b""
         self.sock.sendall(data)
+
+    def send_nowait(self, data):
+        """Write what the socket takes now; keep the rest as backlog.  True if nothing is left.
+
+        Raises OSError if the connection has failed.
+        """
+        if self.backlog:            # keep the byte order: wait behind the backlog
+            self.backlog += data
+            return False
+        try:
+            sent = self.sock.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        self.backlog = data[sent:]
+        return not self.backlog
 
 
 class TlsTransport:
@@ -66,6 +94,7 @@ class TlsTransport:
         self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
         #: Guards _tls and both BIOs: memory work only, never held across socket I/O.
         self._tls_lock = threading.Lock()
+        self.backlog = b""          # TLS records send_nowait could not write yet
         self._handshake(handshake_timeout)
         self.tls_name = _certificate_name(self._tls.getpeercert())
 
@@ -116,13 +145,29 @@ class TlsTransport:
             with self._tls_lock:
                 self._incoming.write(data)
 
-    def sendall(self, data):
+    def _seal(self, data):
         with self._tls_lock:
             view = memoryview(data)
             while view:
                 view = view[self._tls.write(view):]
-            records = self._outgoing.read()
+            return self._outgoing.read()
+
+    def sendall(self, data):
+        records = self.backlog + self._seal(data) if data else self.backlog
+        self.backlog = b""
         self.sock.sendall(records)          # callers hold send_lock, so records stay in order
+
+    def send_nowait(self, data):
+        records = self._seal(data)
+        if self.backlog:
+            self.backlog += records
+            return False
+        try:
+            sent = self.sock.send(records, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        self.backlog = records[sent:]
+        return not self.backlog
 
 
 def server_tls_context(cert_file, key_file, client_ca=None):

@@ -25,7 +25,7 @@ def publish(broker, message_id, exchange="default_exchange", key="default_key"):
 
 def pushed(broker, session):
     """Ids in the session's outbox, taken without blocking."""
-    return [delivery[0] for delivery in broker.take_outbox(session, timeout=0)]
+    return [delivery[0] for delivery in broker.take_outbox(session)]
 
 
 def test_duplicate_publish_is_accepted_but_stored_once(broker):
@@ -133,7 +133,7 @@ def test_unacked_delivery_comes_back_after_the_interval(broker, clock):
     assert pushed(broker, session) == []
     clock.advance(2)
     broker.redeliver_expired()
-    [(message_id, _, count)] = broker.take_outbox(session, timeout=0)
+    [(message_id, _, count)] = broker.take_outbox(session)
     assert (message_id, count) == ("m1", 2)
     assert broker.stats()["totals"]["redelivered"] == 1
 
@@ -214,8 +214,23 @@ def test_fanout_copies_are_acked_separately(broker):
     assert broker.ack(s2, "f1") is True
 
 
-def test_take_outbox_returns_none_once_closed(broker):
-    """The delivery thread's wait ends when the session closes."""
+def test_delivery_wait_ends_when_the_session_closes(broker):
+    """The delivery thread's wait ends, and the outbox is gone, once the session closes."""
     session = broker.open_session("s")
     broker.close_session(session)
-    assert broker.take_outbox(session, timeout=5) is None
+    assert broker.wait_outbox(session, timeout=5) is False
+    assert broker.take_outbox(session) is None
+
+
+def test_batched_calls_report_sessions_to_deliver(broker):
+    """publish_many/ack_many hand back the sessions given pushes, instead of waking threads."""
+    broker.max_queue_length = 100
+    session = broker.open_session("s")
+    broker.subscribe(session, "default_queue", 1)
+    results, woken = broker.publish_many([("default_exchange", "default_key", "b%d" % i, b"{}")
+                                          for i in range(3)])
+    assert results == [True, True, True] and woken == [session]
+    assert pushed(broker, session) == ["b0"]
+    results, woken = broker.ack_many(session, ["b0", "nope"])
+    assert results[0] is True and isinstance(results[1], BrokerError)
+    assert woken == [session] and pushed(broker, session) == ["b1"]
