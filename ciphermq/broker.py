@@ -118,12 +118,18 @@ class Broker:
     """
 
     def __init__(self, *, redelivery_interval=30.0, max_deliveries=10,
-                 max_queue_length=1_000_000, dedup_window=3600.0,
+                 max_queue_length=1_000_000, max_queues=10_000, max_exchanges=1_000,
+                 max_bindings=10_000, dedup_window=3600.0,
                  dedup_max_ids=1_000_000, clock=time.monotonic, wall_clock=time.time,
                  journal=None):
         self.redelivery_interval = redelivery_interval
         self.max_deliveries = max_deliveries
         self.max_queue_length = max_queue_length
+        self.max_queues = max_queues
+        self.max_exchanges = max_exchanges
+        self.max_bindings = max_bindings
+        self._bindings = 0          # over all exchanges, for max_bindings
+        self._declared = 0          # queues other than dead-letter queues, for max_queues
         self.dedup_window = dedup_window
         self.dedup_max_ids = dedup_max_ids
         self.clock = clock
@@ -150,6 +156,8 @@ class Broker:
     def declare_queue(self, name):
         """Create queue ``name`` if it does not exist.  Idempotent."""
         with self.mutex:
+            if name not in self._queues and self._declared >= self.max_queues:
+                raise BrokerError("too many queues (max %d)" % self.max_queues)
             self._declare_queue(name)
 
     def declare_exchange(self, name, kind="direct"):
@@ -157,6 +165,8 @@ class Broker:
         with self.mutex:
             exchange = self._exchanges.get(name)
             if exchange is None:
+                if len(self._exchanges) >= self.max_exchanges:
+                    raise BrokerError("too many exchanges (max %d)" % self.max_exchanges)
                 self._exchanges[name] = Exchange(name, kind)
                 self._record(recovery.exchange_record, name, kind)
             elif exchange.kind != kind:
@@ -167,7 +177,12 @@ class Broker:
         """Bind a queue to an exchange; both must exist."""
         with self.mutex:
             exchange = self._exchange(exchange_name)
-            if exchange.bind(binding_key, self._queue(queue_name)):
+            queue = self._queue(queue_name)
+            if self._bindings >= self.max_bindings and (binding_key, queue) not in \
+                    exchange.bindings():
+                raise BrokerError("too many bindings (max %d)" % self.max_bindings)
+            if exchange.bind(binding_key, queue):
+                self._bindings += 1
                 self._record(recovery.binding_record, exchange_name, queue_name, binding_key)
 
     def declare_defaults(self):
@@ -432,7 +447,7 @@ class Broker:
                     self._exchanges.setdefault(name, Exchange(name, kind))
                 for exchange, queue, key in state.bindings:
                     if exchange in self._exchanges and queue in self._queues:
-                        self._exchanges[exchange].bind(key, self._queues[queue])
+                        self._bindings += self._exchanges[exchange].bind(key, self._queues[queue])
                 for message_id, (body, names) in state.live.items():
                     self._live[message_id] = len(names)
                     self._live_bytes += len(body)
@@ -493,6 +508,8 @@ class Broker:
         queue = self._queues.get(name)
         if queue is None:
             queue = self._queues[name] = Queue(name)
+            if not queue.is_dead_letter_queue:
+                self._declared += 1
             self._record(recovery.queue_record, name)
         return queue
 

@@ -20,6 +20,11 @@ class ServerConfig:
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     max_connections: int = 2048
     max_queue_length: int = 1_000_000    # ready + unacked, per queue
+    max_queues: int = 10_000             # declared queues (dead-letter queues not counted)
+    max_exchanges: int = 1_000
+    max_bindings: int = 10_000           # over all exchanges
+    max_extra_fields: int = 32           # envelope fields beyond the five required ones
+    max_json_depth: int = 8              # nesting inside those extra fields
     default_prefetch: int = 100          # unacked pushes per consumer; 0 = unlimited
     write_timeout: float = 10.0          # a client that does not read is dropped after this
     idle_timeout: Optional[float] = None  # drop a connection silent this long (None: never)

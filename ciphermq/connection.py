@@ -79,6 +79,8 @@ class Connection(socketserver.BaseRequestHandler):
             data = self._receive(framer)
             if not data:
                 return
+            if b"\n" in data or not framer.in_line:    # the unfinished line began in data
+                self._line_started = time.monotonic()
             try:
                 for line in framer.feed(data):
                     self._execute(line)
@@ -152,8 +154,6 @@ class Connection(socketserver.BaseRequestHandler):
             except OSError as exc:
                 log.info("Connection from %s lost: %s", self.peer, exc)
                 return b""
-            if framer.buffered == 0:
-                self._line_started = time.monotonic()   # bytes of a new line may follow
             return data
 
     def _overdue(self, framer, waiting_since):
@@ -162,7 +162,7 @@ class Connection(socketserver.BaseRequestHandler):
         config = self.config
         if self.principal is None and now - self._connected_at > config.auth_timeout:
             return "not authenticated within %.0f s" % config.auth_timeout
-        if framer.buffered and now - self._line_started > config.line_timeout:
+        if framer.in_line and now - self._line_started > config.line_timeout:
             return "a line not finished within %.0f s" % config.line_timeout
         if config.idle_timeout is not None and now - waiting_since > config.idle_timeout:
             return "idle for %.0f s" % config.idle_timeout
@@ -373,7 +373,8 @@ class Connection(socketserver.BaseRequestHandler):
         self._replies.append(protocol.QUEUE_BOUND)
 
     def do_publish(self, args):
-        publish = protocol.parse_publish(args)     # (exchange, routing key, id, body)
+        publish = protocol.parse_publish(args, self.server.envelope_limits)
+        # publish is (exchange, routing key, message id, body)
         self.principal.check_publish(publish[0])
         self._add_to_group("publish", publish)
 

@@ -7,7 +7,9 @@ The protocol is UTF-8 text, one command per line.  A line ends in ``\\n``
 (``\\r\\n`` is accepted).  Framing is by newline only: one ``recv`` may hold
 many commands, and one command may arrive in many ``recv`` calls.
 """
+import collections
 import json
+import math
 import re
 
 from .errors import ProtocolError
@@ -60,6 +62,11 @@ class LineFramer:
     def buffered(self):
         """Bytes of an unfinished line held in memory."""
         return self._size
+
+    @property
+    def in_line(self):
+        """True from a line's first byte to its newline, also while discarding an over-long one."""
+        return self._discarding or self._size > 0
 
     def feed(self, data):
         """Add received bytes; return the lines they complete, in order."""
@@ -161,19 +168,20 @@ def parse_prefetch(raw):
     return int(raw)
 
 
-def parse_publish(args):
+def parse_publish(args, limits=None):
     """Parse ``<exchange> <routing_key> <json>``; return (exchange, key, message_id, body).
 
     ``body`` is the envelope's JSON object as bytes, exactly as received
     (unless it carried a ``delivery_count``, which only the broker may set),
-    so delivery never re-serialises the publisher's JSON.
+    so delivery never re-serialises the publisher's JSON.  ``limits`` bounds
+    the envelope's extra fields (default :data:`DEFAULT_ENVELOPE_LIMITS`).
     """
     parts = args.split(None, 2)
     if len(parts) < 3:
         raise ProtocolError("usage: publish <exchange> <routing_key> <json>")
     exchange = parse_name(parts[0], "exchange")
     routing_key = parse_routing_key(parts[1])
-    message_id, body = parse_envelope(parts[2].rstrip())
+    message_id, body = parse_envelope(parts[2].rstrip(), limits)
     return exchange, routing_key, message_id, body
 
 
@@ -189,20 +197,42 @@ def _no_constants(name):
     raise ValueError("%s is not valid JSON" % name)
 
 
-_ENVELOPE_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_no_constants)
+#: Longest JSON integer accepted (CPython's own default, enforced here on every version).
+MAX_INT_DIGITS = 4300
+
+
+def _bounded_int(text):
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError("integer longer than %d digits" % MAX_INT_DIGITS)
+    return int(text)
+
+
+def _finite_float(text):
+    value = float(text)
+    if math.isinf(value):           # 1e999 is Infinity by another name
+        raise ValueError("number out of range: %s" % text[:40])
+    return value
+
+
+_ENVELOPE_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_no_constants,
+                                     parse_int=_bounded_int, parse_float=_finite_float)
 _BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
-#: Extra fields are forwarded untouched, within these bounds.
-MAX_EXTRA_FIELDS = 32
-MAX_JSON_DEPTH = 8
 
 
-def parse_envelope(raw):
+class EnvelopeLimits(collections.namedtuple("EnvelopeLimits", "max_extra_fields max_json_depth")):
+    """Extra envelope fields are forwarded untouched, within these bounds."""
+
+
+DEFAULT_ENVELOPE_LIMITS = EnvelopeLimits(max_extra_fields=32, max_json_depth=8)
+
+
+def parse_envelope(raw, limits=None):
     """Validate an envelope's JSON text; return ``(message_id, body_bytes)``.
 
     Refused: anything but one JSON object; duplicate keys; NaN/Infinity;
     missing or non-string required fields; crypto fields that are not
-    base64 text; extra fields nested deeper than MAX_JSON_DEPTH, more than
-    MAX_EXTRA_FIELDS of them, or holding lone surrogates.
+    base64 text; extra fields nested deeper than ``limits.max_json_depth``,
+    more than ``limits.max_extra_fields`` of them, or holding lone surrogates.
     """
     if not (raw.startswith(b"{") and raw.endswith(b"}")):
         raise ProtocolError("envelope must be a JSON object")
@@ -213,8 +243,9 @@ def parse_envelope(raw):
     except RecursionError:
         raise ProtocolError("invalid JSON: nested too deeply") from None
     except json.JSONDecodeError as exc:
-        raise ProtocolError("invalid JSON: %s at position %d" % (exc.msg, exc.pos)) from None
-    except ValueError as exc:           # from the hooks, or an over-long integer
+        reason = exc.msg[:-3] if exc.msg.endswith(" at") else exc.msg   # "... starting at"
+        raise ProtocolError("invalid JSON: %s at position %d" % (reason, exc.pos)) from None
+    except ValueError as exc:           # from the hooks
         raise ProtocolError("invalid JSON: %s" % exc) from None
     if not isinstance(envelope, dict):
         raise ProtocolError("envelope must be a JSON object")
@@ -231,33 +262,33 @@ def parse_envelope(raw):
         if not _BASE64.fullmatch(envelope[field]):
             raise ProtocolError("field '%s' must be base64 text" % field)
     if len(envelope) > len(ENVELOPE_FIELDS):
-        _check_extra_fields(envelope)
+        _check_extra_fields(envelope, limits or DEFAULT_ENVELOPE_LIMITS)
     if DELIVERY_COUNT in envelope:
         del envelope[DELIVERY_COUNT]
         raw = json.dumps(envelope, separators=(", ", ": ")).encode("utf-8")
     return message_id, raw
 
 
-def _check_extra_fields(envelope):
+def _check_extra_fields(envelope, limits):
     extras = [value for key, value in envelope.items() if key not in ENVELOPE_FIELDS]
-    if len(extras) > MAX_EXTRA_FIELDS:
-        raise ProtocolError("too many fields (at most %d extra)" % MAX_EXTRA_FIELDS)
+    if len(extras) > limits.max_extra_fields:
+        raise ProtocolError("too many fields (at most %d extra)" % limits.max_extra_fields)
     for key in envelope:
         _check_text(key)
     for value in extras:
-        _check_value(value, 1)
+        _check_value(value, 1, limits.max_json_depth)
 
 
-def _check_value(value, depth):
+def _check_value(value, depth, max_depth):
     if isinstance(value, str):
         _check_text(value)
     elif isinstance(value, (dict, list)):
-        if depth >= MAX_JSON_DEPTH:
-            raise ProtocolError("JSON nested deeper than %d levels" % MAX_JSON_DEPTH)
+        if depth >= max_depth:
+            raise ProtocolError("JSON nested deeper than %d levels" % max_depth)
         for key in value if isinstance(value, dict) else ():
             _check_text(key)
         for item in value.values() if isinstance(value, dict) else value:
-            _check_value(item, depth + 1)
+            _check_value(item, depth + 1, max_depth)
 
 
 def _check_text(text):

@@ -4,7 +4,6 @@ An exchange maps a routing key to the queues bound to it.  This module holds
 no lock of its own: every exchange belongs to a :class:`~ciphermq.broker.Broker`
 and is only touched with that broker's ``mutex`` held.
 """
-import functools
 
 
 class Exchange:
@@ -60,18 +59,19 @@ def topic_matches(pattern, routing_key):
     ``*`` matches exactly one word and ``#`` matches zero or more words:
     ``stock.*.nyse`` matches ``stock.ibm.nyse``; ``stock.#`` matches ``stock``
     and ``stock.ibm.nyse``.
+
+    Walks the pattern once, keeping the set of word counts the pattern so far
+    could have consumed: at most (pattern words x key words) steps, whatever
+    the wildcards -- a naive backtracking matcher is exponential in the ``#``s.
     """
-    return _match_words(tuple(pattern.split(".")), tuple(routing_key.split(".")))
-
-
-@functools.lru_cache(maxsize=4096)
-def _match_words(pattern, words):
-    if not pattern:
-        return not words
-    head, rest = pattern[0], pattern[1:]
-    if head == "#":
-        # '#' swallows zero words, or one word and stays in place.
-        return _match_words(rest, words) or (bool(words) and _match_words(pattern, words[1:]))
-    if not words:
-        return False
-    return (head == "*" or head == words[0]) and _match_words(rest, words[1:])
+    words = routing_key.split(".")
+    consumed = {0}
+    for token in pattern.split("."):
+        if token == "#":
+            consumed = set(range(min(consumed), len(words) + 1))
+        else:
+            consumed = {count + 1 for count in consumed
+                        if count < len(words) and token in ("*", words[count])}
+            if not consumed:
+                return False
+    return len(words) in consumed

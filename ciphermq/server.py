@@ -31,6 +31,7 @@ from .chaos import Chaos, ChaosSpecError
 from .config import ServerConfig
 from .connection import Connection
 from .journal import Journal, JournalError
+from .protocol import EnvelopeLimits
 from .redelivery import RedeliveryTimer
 from .transport import server_tls_context
 
@@ -51,6 +52,8 @@ class BrokerServer(socketserver.ThreadingTCPServer):
         self.stop_requested = threading.Event()
         self.chaos = Chaos(self.config.chaos, self.config.chaos_seed) if self.config.chaos else None
         self.users = Users.load(self.config.users_file) if self.config.users_file else None
+        self.envelope_limits = EnvelopeLimits(self.config.max_extra_fields,
+                                              self.config.max_json_depth)
         self.tls_context = None
         if self.config.tls_cert:
             self.tls_context = server_tls_context(self.config.tls_cert, self.config.tls_key,
@@ -65,6 +68,9 @@ class BrokerServer(socketserver.ThreadingTCPServer):
             redelivery_interval=self.config.redelivery_interval,
             max_deliveries=self.config.max_deliveries,
             max_queue_length=self.config.max_queue_length,
+            max_queues=self.config.max_queues,
+            max_exchanges=self.config.max_exchanges,
+            max_bindings=self.config.max_bindings,
             dedup_window=self.config.dedup_window,
             dedup_max_ids=self.config.dedup_max_ids,
             journal=self.journal)
@@ -194,6 +200,16 @@ def build_parser():
         help="open connections at most (default %(default)s)")
     add("--max-queue-length", type=int, default=defaults.max_queue_length,
         help="messages (ready + unacked) per queue at most (default %(default)s)")
+    add("--max-queues", type=int, default=defaults.max_queues,
+        help="queues that may be declared (default %(default)s)")
+    add("--max-exchanges", type=int, default=defaults.max_exchanges,
+        help="exchanges that may be declared (default %(default)s)")
+    add("--max-bindings", type=int, default=defaults.max_bindings,
+        help="bindings over all exchanges (default %(default)s)")
+    add("--max-extra-fields", type=int, default=defaults.max_extra_fields,
+        help="envelope fields beyond the five required (default %(default)s)")
+    add("--max-json-depth", type=int, default=defaults.max_json_depth,
+        help="nesting depth of extra envelope fields (default %(default)s)")
     add("--prefetch", type=int, default=defaults.default_prefetch, dest="default_prefetch",
         help="unacked pushes per consumer when consume names none; 0 = unlimited "
              "(default %(default)s)")

@@ -234,3 +234,21 @@ def test_batched_calls_report_sessions_to_deliver(broker):
     results, woken = broker.ack_many(session, ["b0", "nope"])
     assert results[0] is True and isinstance(results[1], BrokerError)
     assert woken == [session] and pushed(broker, session) == ["b1"]
+
+
+def test_topology_is_bounded(clock):
+    """Queues, exchanges and bindings have limits, refused with a clear error."""
+    broker = Broker(max_queues=2, max_exchanges=1, max_bindings=2, clock=clock)
+    broker.declare_queue("a")
+    broker.declare_queue("b")
+    broker.declare_queue("a")                       # redeclaring is not a new queue
+    with pytest.raises(BrokerError, match="too many queues"):
+        broker.declare_queue("c")
+    broker.declare_exchange("x", "topic")
+    with pytest.raises(BrokerError, match="too many exchanges"):
+        broker.declare_exchange("y")
+    broker.bind("x", "a", "k1")
+    broker.bind("x", "b", "k1")
+    broker.bind("x", "a", "k1")                     # binding twice is not a new binding
+    with pytest.raises(BrokerError, match="too many bindings"):
+        broker.bind("x", "a", "k2")
