@@ -49,3 +49,25 @@ lint: install
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# ---------------------------------------------------------------------------------------
+# Benchmarks (bench/, docs/BENCHMARKS.md) -- issue 6.  RabbitMQ is compared when it and pika
+# are installed; without them the run says so and reports CipherMQ alone.
+.PHONY: bench bench-quick bench-peer-install
+
+# The full run for the record (~6 min): rewrites docs/BENCHMARKS.md and docs/benchmarks.png.
+bench: install
+	$(PY) bench/run.py --full --out docs/BENCHMARKS.md
+
+# Smoke run (a few seconds per scenario, 1 repeat): prints the table, writes no report.
+bench-quick: install
+	$(PY) bench/run.py --quick
+
+# The peer: Debian's rabbitmq-server (needs root) and the `bench` extra (pika, matplotlib).
+# On a normal host the package starts a system node on 5672, CipherMQ's port: stop it with
+# `systemctl disable --now rabbitmq-server`; the benchmark runs a private node of its own.
+bench-peer-install: install
+	test -x /usr/lib/rabbitmq/bin/rabbitmq-server || \
+	  { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y rabbitmq-server; }
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
+# --------------------------------------------------------------------------- end benchmarks

@@ -1,0 +1,116 @@
+"""Start and stop a CipherMQ broker process (or the trivial relay) for one benchmark run.
+
+The broker is ``python -m ciphermq.server`` from this checkout, on a free port of
+127.0.0.1, logging at WARNING (so logging costs it nothing per message).  It is treated as a
+black box: the harness only speaks the wire protocol to it and reads its RSS from /proc.
+
+Readiness is a connect-and-``ping`` retry loop bounded by START_TIMEOUT; between tries the
+harness waits on the broker process itself, so a broker that exits at start is reported at
+once with its log.
+"""
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from processes import free_port
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+START_TIMEOUT = 15.0        # seconds for the broker to answer a ping
+STOP_TIMEOUT = 15.0         # seconds for a SIGTERM'd broker to exit before SIGKILL
+RETRY_TICK = 0.05           # seconds between connection attempts (spent waiting on the process)
+
+
+class BrokerFailed(RuntimeError):
+    """The broker did not start, or exited while a scenario was using it."""
+
+
+def _answers_ping(port):
+    """True if something on ``port`` answers ``ping`` with ``PONG``."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
+            sock.sendall(b"ping\n")
+            reply = b""
+            while not reply.endswith(b"\n"):
+                chunk = sock.recv(64)
+                if not chunk:
+                    return False
+                reply += chunk
+            return reply == b"PONG\n"
+    except OSError:
+        return False
+
+
+def _log_tail(path, limit=2000):
+    with open(path, "rb") as log_file:
+        return log_file.read()[-limit:].decode(errors="replace")
+
+
+@contextlib.contextmanager
+def running_broker(*options):
+    """Run one broker with extra command-line ``options`` for the ``with`` block.
+
+    Yields ``{"host", "port", "pid", "address"}``; ``pid`` is the broker's own process (use
+    it for RSS).  Blocks up to START_TIMEOUT while starting; raises BrokerFailed if the
+    broker exits or does not answer.  The broker is stopped (SIGTERM, then SIGKILL) when the
+    block exits, however it exits.
+    """
+    with _running("broker", ["-m", "ciphermq.server", "--log-level", "WARNING", *options]) as info:
+        yield info
+
+
+@contextlib.contextmanager
+def running_relay():
+    """Run bench/relay.py (the trivial relay) for the ``with`` block; as running_broker."""
+    with _running("relay", [os.path.join(REPO, "bench", "relay.py")]) as info:
+        yield info
+
+
+@contextlib.contextmanager
+def _running(name, argv):
+    port = free_port()
+    with tempfile.NamedTemporaryFile(prefix="bench-server-", suffix=".log") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, *argv, "--port", str(port)],
+            cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file)
+        try:
+            _wait_ready(name, proc, port, log_file.name)
+            try:
+                yield {"host": "127.0.0.1", "port": port, "pid": proc.pid,
+                       "address": ("127.0.0.1", port)}
+            except (RuntimeError, OSError) as exc:      # a client failed: what did it see?
+                raise RuntimeError(f"{exc}\n{name} log:\n{_log_tail(log_file.name)}") from exc
+            if proc.poll() is not None:
+                raise BrokerFailed(f"{name} exited with {proc.returncode} during the run:\n"
+                                   f"{_log_tail(log_file.name)}")
+        finally:
+            _stop(proc)
+
+
+def _wait_ready(name, proc, port, log_path):
+    deadline = time.monotonic() + START_TIMEOUT
+    while not _answers_ping(port):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise BrokerFailed(f"{name} did not answer on port {port} within "
+                               f"{START_TIMEOUT:.0f} s:\n{_log_tail(log_path)}")
+        try:
+            code = proc.wait(timeout=min(RETRY_TICK, remaining))
+        except subprocess.TimeoutExpired:
+            continue
+        raise BrokerFailed(f"{name} exited with {code} at start:\n{_log_tail(log_path)}")
+
+
+def _stop(proc):
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=STOP_TIMEOUT)
+            return
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    proc.wait()
