@@ -6,7 +6,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 5672
 KEYS   ?= keys
 
-.PHONY: install run-server test lint clean keys demo send receive certs
+.PHONY: install run-server test lint clean keys demo send receive certs fuzz
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,10 @@ certs: install
 
 test: install
 	$(PY) -m pytest $(ARGS)
+
+# 100,000 fuzzed lines beside a well-behaved client; exits 1 if a guarantee fails.
+fuzz: install
+	$(PY) bench/fuzz.py $(ARGS)
 
 lint: install
 	$(PY) -m pip install --quiet --disable-pip-version-check ruff
