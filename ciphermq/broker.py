@@ -241,7 +241,7 @@ class Broker:
             raise BrokerError("unroutable: exchange '%s' has no queue bound for key '%s'"
                               % (exchange_name, routing_key))
         for queue in queues:
-            if len(queue) >= self.max_queue_length:
+            if len(queue.ready) + queue.unacked >= self.max_queue_length:
                 raise BrokerError("queue '%s' is full" % queue.name)
         self._live[message_id] = len(queues)
         self._live_bytes += len(body)

@@ -84,22 +84,23 @@ class Connection(socketserver.BaseRequestHandler):
             try:
                 for line in framer.feed(data):
                     self._execute(line)
-                self._run_group()
-                if not self._answer():
+                if self._group:
+                    self._run_group()
+                if self._replies and not self._answer():
                     return
             finally:
-                self._deliver_woken()   # after our replies: the publisher waits for its ACK
+                if self._woken:         # after our replies: the publisher waits for its ACK
+                    self._deliver_woken()
             if self._hang_up:
                 self.close()
                 return
 
     def _answer(self):
         """Send the replies of this read (after the journal has them); False if the connection is over."""
-        if not self._replies:
-            return True
-        if not self._sync():
+        if self._must_sync and not self._sync():
             return False
-        self._chaos_pause()
+        if self.chaos:
+            self._chaos_pause()
         with self.send_lock:
             return self._flush_locked()
 
@@ -141,11 +142,13 @@ class Connection(socketserver.BaseRequestHandler):
 
     def _receive(self, framer):
         """The next bytes from the client; b"" when the connection is over or a deadline passed."""
-        started = time.monotonic()
+        started = None              # when this wait began; only needed once a tick passes
         while True:
             try:
                 data = self.transport.recv()
             except BlockingIOError:             # the read tick: check the deadlines
+                if started is None:
+                    started = time.monotonic() - self.config.read_tick
                 overdue = self._overdue(framer, started)
                 if overdue:
                     log.info("Dropping %s: %s", self.peer, overdue)

@@ -30,6 +30,7 @@ EXCHANGE_TYPES = ("direct", "fanout", "topic")
 #: The fields every envelope must carry, all strings (see docs/PROTOCOL.md).
 ENVELOPE_FIELDS = ("message_id", "enc_session_key", "nonce", "tag", "ciphertext")
 #: Added by the broker to every pushed copy; never accepted from a publisher.
+_REQUIRED = frozenset(ENVELOPE_FIELDS)
 DELIVERY_COUNT = "delivery_count"
 MAX_PREFETCH = 65535
 
@@ -70,6 +71,12 @@ class LineFramer:
 
     def feed(self, data):
         """Add received bytes; return the lines they complete, in order."""
+        if (data.endswith(b"\n") and not self._parts and not self._discarding
+                and len(data) <= self.max_line_bytes and b"\r" not in data):
+            # The common case -- whole lines, nothing pending -- without a call per line.
+            lines = data.split(b"\n")
+            lines.pop()
+            return lines
         pieces = data.split(b"\n")
         if len(pieces) == 1:                    # no newline: the line goes on
             self._add_partial(data)
@@ -216,7 +223,8 @@ def _finite_float(text):
 
 _ENVELOPE_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_no_constants,
                                      parse_int=_bounded_int, parse_float=_finite_float)
-_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+#: Everything base64 text may hold ("=" only as padding, checked separately).
+_BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 
 
 class EnvelopeLimits(collections.namedtuple("EnvelopeLimits", "max_extra_fields max_json_depth")):
@@ -249,18 +257,19 @@ def parse_envelope(raw, limits=None):
         raise ProtocolError("invalid JSON: %s" % exc) from None
     if not isinstance(envelope, dict):
         raise ProtocolError("envelope must be a JSON object")
-    for field in ENVELOPE_FIELDS:
-        value = envelope.get(field)
-        if value is None:
-            raise ProtocolError("missing field '%s'" % field)
-        if not isinstance(value, str):
-            raise ProtocolError("field '%s' must be a string" % field)
-    message_id = envelope["message_id"]
+    values = [envelope.get(field) for field in ENVELOPE_FIELDS]
+    if not all(type(value) is str for value in values):
+        _refuse_required_fields(values)
+    message_id = values[0]
     if not _NAME.fullmatch(message_id.encode("utf-8", "replace")):
         raise ProtocolError("invalid message_id (1-128 of A-Z a-z 0-9 . _ : -)")
-    for field in ENVELOPE_FIELDS[1:]:
-        if not _BASE64.fullmatch(envelope[field]):
-            raise ProtocolError("field '%s' must be base64 text" % field)
+    crypto_text = values[1:]
+    # One pass over all four fields for the alphabet, then padding only at their ends.
+    if "".join(crypto_text).encode("utf-8", "replace").translate(None, _BASE64_ALPHABET):
+        _refuse_base64(crypto_text)
+    for text in crypto_text:
+        if "=" in text.rstrip("=") or text.endswith("==="):
+            _refuse_base64(crypto_text)
     if len(envelope) > len(ENVELOPE_FIELDS):
         _check_extra_fields(envelope, limits or DEFAULT_ENVELOPE_LIMITS)
     if DELIVERY_COUNT in envelope:
@@ -269,14 +278,29 @@ def parse_envelope(raw, limits=None):
     return message_id, raw
 
 
+def _refuse_required_fields(values):
+    for field, value in zip(ENVELOPE_FIELDS, values):
+        if value is None:
+            raise ProtocolError("missing field '%s'" % field)
+        if not isinstance(value, str):
+            raise ProtocolError("field '%s' must be a string" % field)
+
+
+def _refuse_base64(crypto_text):
+    """Name the field that failed the fast check (the slow, obvious way)."""
+    for field, text in zip(ENVELOPE_FIELDS[1:], crypto_text):
+        if not re.fullmatch(r"[A-Za-z0-9+/]*={0,2}", text):
+            raise ProtocolError("field '%s' must be base64 text" % field)
+    raise ProtocolError("crypto fields must be base64 text")
+
+
 def _check_extra_fields(envelope, limits):
-    extras = [value for key, value in envelope.items() if key not in ENVELOPE_FIELDS]
-    if len(extras) > limits.max_extra_fields:
+    if len(envelope) - len(ENVELOPE_FIELDS) > limits.max_extra_fields:
         raise ProtocolError("too many fields (at most %d extra)" % limits.max_extra_fields)
-    for key in envelope:
-        _check_text(key)
-    for value in extras:
-        _check_value(value, 1, limits.max_json_depth)
+    _check_text("".join(envelope))         # every key at once
+    for key, value in envelope.items():
+        if key not in _REQUIRED:
+            _check_value(value, 1, limits.max_json_depth)
 
 
 def _check_value(value, depth, max_depth):
@@ -292,6 +316,8 @@ def _check_value(value, depth, max_depth):
 
 
 def _check_text(text):
+    if text.isascii():
+        return                      # no surrogate can hide in ASCII
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

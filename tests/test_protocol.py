@@ -131,3 +131,20 @@ def test_message_line_adds_delivery_count_without_reserialising():
 def test_error_reply_is_always_one_line():
     """Whatever an error text holds, the reply is exactly one Error: line."""
     assert protocol.error_reply("bad\nthing\r here") == b"Error: bad thing here\n"
+
+
+@pytest.mark.parametrize("text, ok", [
+    ("", True), ("QUJD", True), ("QUI=", True), ("QQ==", True), ("QQ===", False),
+    ("Q=Q=", False), ("QU J", False), ("QUJ\u00e9", False), ("QU\ud800", False),
+    ("a+/b", True), ("a-_b", False), ("=", True),
+])
+def test_base64_check_agrees_with_the_plain_rule(text, ok):
+    """The fast base64 check accepts exactly what [A-Za-z0-9+/]*={0,2} accepts, field by field."""
+    env = {"message_id": "m", "enc_session_key": "QUJD", "nonce": "QUJD", "tag": text,
+           "ciphertext": "QUJD"}
+    raw = json.dumps(env).encode()
+    if ok:
+        assert protocol.parse_envelope(raw)[0] == "m"
+    else:
+        with pytest.raises(ProtocolError, match="field 'tag' must be base64 text"):
+            protocol.parse_envelope(raw)
