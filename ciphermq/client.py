@@ -41,7 +41,6 @@ import json
 import logging
 import selectors
 import socket
-import ssl
 import threading
 import time
 from queue import Queue
@@ -49,10 +48,10 @@ from typing import NamedTuple
 
 from . import protocol
 from .errors import ConnectionLost, ServerError
+from .transport import PlainTransport, TlsTransport, TransportError, client_tls_context
 
 log = logging.getLogger(__name__)
 
-RECV_BYTES = 256 * 1024
 #: Longest line accepted from the broker: a 16 MiB message, base64'd, and then some.
 MAX_LINE_BYTES = 64 * 1024 * 1024
 #: ``Reply.expect`` for a fetch: a ``Message:`` line or ``No messages``.
@@ -111,165 +110,6 @@ class Reply:
         self._arrived.set()
 
 
-# -- transports: bytes in and out, plain or TLS ------------------------------------
-
-class PlainTransport:
-    """Bytes over a connected TCP socket.
-
-    ``send_locked`` is only called with ``send_lock`` held; ``receive`` only by
-    the one reader thread.  The socket's timeout is the write deadline:
-    ``sendall`` raises ``socket.timeout`` if the peer stops reading.
-    """
-
-    def __init__(self, sock):
-        self.sock = sock
-        #: Guards every write to the socket (see the module docstring).
-        self.send_lock = threading.Lock()
-
-    def send_locked(self, data):
-        self.sock.sendall(data)
-
-    def receive(self):
-        """One read: the bytes received, or None at end of stream.  May block."""
-        return self.sock.recv(RECV_BYTES) or None
-
-    def buffered(self):
-        """True if :meth:`receive` has bytes to return without reading the socket."""
-        return False
-
-    def shutdown(self):
-        """Wake any thread blocked on the socket; safe to call twice, from any thread."""
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass                    # already shut down, or never fully connected
-
-    def close(self):
-        self.sock.close()
-
-
-class TlsTransport(PlainTransport):
-    """TLS over a TCP socket, safe with one reader thread and many writers.
-
-    An ``ssl.SSLSocket`` must not be read and written by two threads at once,
-    so TLS runs here in memory instead: an ``ssl.SSLObject`` between two
-    ``MemoryBIO`` buffers, guarded by ``_tls_lock``, which is held only while
-    bytes are moved through the SSL object -- never during socket I/O.  The
-    socket itself is read by the reader and written under ``send_lock``, as
-    for plain TCP.  Encrypted bytes leave the outgoing buffer only under
-    ``send_lock``, so TLS records reach the wire in the order they were made.
-
-    The handshake happens in the constructor (it blocks up to the socket's
-    timeout).  (The broker's side of the same idea is ciphermq.transport.)
-    """
-
-    def __init__(self, sock, context, server_hostname):
-        super().__init__(sock)
-        self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
-        #: Guards the SSL object and both BIOs.  Taken inside send_lock, never the reverse.
-        self._tls_lock = threading.Lock()
-        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=False,
-                                     server_hostname=server_hostname)
-        self._early = b""           # plaintext that came with the peer's last handshake bytes
-        self._handshake()
-
-    def _handshake(self):
-        # Single-threaded: no reader exists yet, so no lock is needed.
-        while True:
-            try:
-                self._tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                pass
-            self._write_out()
-            data = self.sock.recv(RECV_BYTES)
-            if not data:
-                raise ConnectionResetError("connection closed during the TLS handshake")
-            self._incoming.write(data)
-        # The segment that finished the handshake may also carry application
-        # data: decrypt it now, or no socket event would ever announce it.
-        self._early = self._decrypt_available() or b""
-        self._write_out()
-
-    def _write_out(self):
-        data = self._outgoing.read()
-        if data:
-            self.sock.sendall(data)
-
-    def send_locked(self, data):
-        with self._tls_lock:
-            view = memoryview(data)
-            while view:
-                try:
-                    written = self._tls.write(view)
-                except ssl.SSLWantReadError:    # renegotiation: refused by our contexts
-                    raise ssl.SSLError("TLS renegotiation is not supported") from None
-                view = view[written:]
-            out = self._outgoing.read()
-        self.sock.sendall(out)
-
-    def buffered(self):
-        return bool(self._early)
-
-    def receive(self):
-        if self._early:
-            data, self._early = self._early, b""
-            return data
-        raw = self.sock.recv(RECV_BYTES)
-        if not raw:
-            return None
-        with self._tls_lock:
-            self._incoming.write(raw)
-            data = self._decrypt_available()
-            must_answer = self._outgoing.pending > 0
-        if must_answer:
-            # Reading produced TLS records to send back (a TLS 1.3 key update):
-            # rare.  Writers hold send_lock for one sendall at most, which the
-            # socket's timeout bounds, so this wait is bounded too.
-            with self.send_lock:
-                with self._tls_lock:
-                    out = self._outgoing.read()
-                self.sock.sendall(out)
-        return data
-
-    def _decrypt_available(self):
-        """All the plaintext the incoming buffer completes: bytes, or None at close_notify.
-
-        Only called with ``_tls_lock`` held (or before the reader exists).
-        """
-        chunks = []
-        while True:
-            try:
-                chunk = self._tls.read(RECV_BYTES)
-            except ssl.SSLWantReadError:
-                break
-            except ssl.SSLZeroReturnError:      # the peer's close_notify
-                return b"".join(chunks) or None
-            if not chunk:
-                break
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-
-def client_tls_context(ca=None, cert=None, key=None):
-    """An ``ssl.SSLContext`` for a client: verify the broker against ``ca``, TLS 1.2+.
-
-    ``ca`` is a PEM file of trusted CA certificates (None: the system's).
-    ``cert`` and ``key`` are this client's certificate and key, for brokers
-    that require client certificates (mutual TLS).  Raises OSError or
-    ssl.SSLError for unreadable files, ValueError for a key without a cert.
-    """
-    if key is not None and cert is None:
-        raise ValueError("a TLS key needs its certificate (--tls-cert)")
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
-    if cert is not None:
-        context.load_cert_chain(cert, key)
-    return context
-
-
 # -- the client --------------------------------------------------------------------
 
 class Client:
@@ -323,10 +163,11 @@ class Client:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if tls_context is None:
                 return PlainTransport(sock)
-            return TlsTransport(sock, tls_context, server_hostname)
-        except OSError as exc:              # ssl.SSLError is an OSError
+            return TlsTransport(sock, tls_context, server_side=False,
+                                server_hostname=server_hostname, handshake_timeout=self.timeout)
+        except (OSError, TransportError) as exc:
             sock.close()
-            raise ConnectionLost("TLS handshake with %s failed: %s" % (self.peer, exc)) from None
+            raise ConnectionLost("cannot talk to %s: %s" % (self.peer, exc)) from None
 
     def _authenticate(self, name, token):
         reply = self._request(b"auth %s %s\n" % (name.encode(), token.encode()),
@@ -491,7 +332,7 @@ class Client:
                     reply.sent_at = now
                 self._pending.extend(replies)
             try:
-                self._transport.send_locked(data)
+                self._transport.sendall(data)
             except OSError as exc:
                 reason = "sending to %s failed: %s" % (self.peer, _describe(exc))
                 self._fail(reason)
@@ -509,10 +350,10 @@ class Client:
             selector.register(self._transport.sock, selectors.EVENT_READ)
             while True:
                 wait = self._check_heartbeat()
-                if not self._transport.buffered() and not selector.select(wait):
+                if not self._transport.pending() and not selector.select(wait):
                     continue
-                data = self._transport.receive()
-                if data is None:
+                data = self._transport.recv()
+                if not data:
                     raise ConnectionLost("connection closed by the broker")
                 self._last_received = self._clock()
                 for line in framer.feed(data):

@@ -50,9 +50,10 @@ class Connection(socketserver.BaseRequestHandler):
         self.config = self.server.config
         self.sock = self.request
         self.peer = "%s:%s" % self.client_address[:2]
-        #: Guards sendall on this socket: the reader's replies and the delivery
-        #: thread's pushes.  May be held while taking broker.mutex, never the reverse.
-        self.send_lock = threading.Lock()
+        #: Guards writing the socket: the reader's replies, the delivery thread's
+        #: pushes, other readers' deliver_now.  It is the transport's (set when
+        #: that is made); may be held while taking broker.mutex, never the reverse.
+        self.send_lock = None
         self.thread = threading.current_thread()
         self.chaos = self.server.chaos  # None unless --chaos: see ciphermq/chaos.py
         self.transport = None
@@ -124,13 +125,15 @@ class Connection(socketserver.BaseRequestHandler):
         """Plain TCP, or the TLS handshake; a TLS client certificate may name the principal."""
         if self.server.tls_context is None:
             self.transport = PlainTransport(self.sock)
+            self.send_lock = self.transport.send_lock
             return True
         try:
-            self.transport = TlsTransport(self.sock, self.server.tls_context,
-                                          self.config.auth_timeout)
+            self.transport = TlsTransport(self.sock, self.server.tls_context, server_side=True,
+                                          handshake_timeout=self.config.auth_timeout)
         except (TransportError, OSError) as exc:
             log.info("Dropping %s: %s", self.peer, exc)
             return False
+        self.send_lock = self.transport.send_lock
         if self.transport.tls_name and self.server.users is not None:
             self.principal = self.server.users.by_certificate(self.transport.tls_name)
             if self.principal is not None:

@@ -1,26 +1,29 @@
-"""Byte transport under a connection: plain TCP or TLS, with per-direction timeouts.
+"""Bytes in and out of one connection: plain TCP or TLS, for the broker and the clients.
 
-Why not ``sock.settimeout``?  A Python socket has one timeout for both
-directions, but a broker needs two: reads wake up every second or so to check
-the idle and slow-line deadlines, while a write may take up to the write
-timeout before the client is declared dead.  The kernel keeps one per
-direction (``SO_RCVTIMEO``, ``SO_SNDTIMEO``) on a blocking socket, so that
-is what :func:`set_timeouts` uses; a timed-out call raises
-``BlockingIOError``.
+Both ends of CipherMQ read a connection with one thread while other threads
+write it, so both use these classes.  ``send_lock`` guards every write to the
+socket; readers never take it except for the rare TLS record a read must
+answer.  Lock order: ``send_lock`` may be held while taking the broker mutex
+or ``_tls_lock``, never the reverse.
 
-Writes come in two kinds.  ``sendall`` blocks (up to the write timeout) and is
-used by the connection's own threads.  ``send_nowait`` never blocks: another
-connection's thread uses it to push a message it has just routed here, and
-whatever the socket cannot take at once is kept as ``backlog``, which the next
-``sendall`` writes first.  Callers hold the connection's ``send_lock`` for
-both, so bytes never interleave.
+Writes come in two kinds.  ``sendall`` blocks (up to the socket's write
+timeout).  ``send_nowait`` never blocks: the broker uses it to push a message
+from a thread that must not wait for another client, and whatever the socket
+cannot take at once is kept as ``backlog``, which the next ``sendall`` writes
+first.  Both are only called with ``send_lock`` held, so bytes never interleave.
 
-Why not ``ssl.SSLSocket``?  Two threads use a connection at once -- the
-reader in ``recv`` while the delivery thread writes -- and one OpenSSL
-connection must not be driven from two threads concurrently.  So TLS runs
+Why not ``ssl.SSLSocket``?  One OpenSSL connection must not be driven from two
+threads at once, and a connection here has a reader and writers.  So TLS runs
 over memory BIOs (:class:`ssl.SSLObject`): the socket I/O stays ours and
 unlocked, and ``_tls_lock`` guards only the in-memory TLS state, never a
 socket call.
+
+Why per-direction timeouts (:func:`set_timeouts`)?  A Python socket has one
+timeout for both directions, but the broker needs two: reads wake up every
+second or so to check the idle and slow-line deadlines, while a write may
+take up to the write timeout before the client is declared dead.  The kernel
+keeps one per direction (``SO_RCVTIMEO``, ``SO_SNDTIMEO``) on a blocking
+socket; a timed-out call raises ``BlockingIOError``.
 """
 import socket
 import ssl
@@ -53,16 +56,27 @@ class PlainTransport:
 
     def __init__(self, sock):
         self.sock = sock
+        #: Guards every write to the socket (see the module docstring).
+        self.send_lock = threading.Lock()
         self.backlog = b""          # bytes send_nowait could not write yet
 
     def recv(self):
-        """The next bytes, b"" at EOF.  Raises BlockingIOError on the read tick, OSError on failure."""
+        """The next bytes, b"" at end of stream.  Only the reader calls it.
+
+        Raises BlockingIOError or socket.timeout when the socket's read
+        timeout passes, OSError on failure.
+        """
         return self.sock.recv(RECV_BYTES)
+
+    def pending(self):
+        """True if :meth:`recv` has bytes to return without reading the socket."""
+        return False
 
     def sendall(self, data):
         """Write the backlog and then ``data``, blocking up to the write timeout.
 
-        Raises BlockingIOError when the write timeout passes, OSError on failure.
+        Only with ``send_lock`` held.  Raises BlockingIOError (or
+        socket.timeout) when the write timeout passes, OSError on failure.
         """
         if self.backlog:
             data, self.backlog = self.backlog + data, b""
@@ -71,8 +85,11 @@ class PlainTransport:
     def send_nowait(self, data):
         """Write what the socket takes now; keep the rest as backlog.  True if nothing is left.
 
-        Raises OSError if the connection has failed.
+        Only with ``send_lock`` held.  Raises OSError if the connection has failed.
         """
+        return self._send_raw_nowait(data)
+
+    def _send_raw_nowait(self, data):
         if self.backlog:            # keep the byte order: wait behind the backlog
             self.backlog += data
             return False
@@ -83,22 +100,39 @@ class PlainTransport:
         self.backlog = data[sent:]
         return not self.backlog
 
+    def shutdown(self):
+        """Wake any thread blocked on the socket; safe to call twice, from any thread."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass                    # already shut down, or never fully connected
 
-class TlsTransport:
-    """TLS over memory BIOs; see the module docstring for why."""
+    def close(self):
+        self.sock.close()
 
-    def __init__(self, sock, context, handshake_timeout=10.0):
-        self.sock = sock
+
+class TlsTransport(PlainTransport):
+    """TLS over memory BIOs; see the module docstring for why.
+
+    The handshake happens in the constructor, bounded by ``handshake_timeout``;
+    a client names the ``server_hostname`` its certificate must match.
+    """
+
+    def __init__(self, sock, context, *, server_side, server_hostname=None,
+                 handshake_timeout=10.0):
+        super().__init__(sock)
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
-        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
+                                     server_hostname=server_hostname)
         #: Guards _tls and both BIOs: memory work only, never held across socket I/O.
         self._tls_lock = threading.Lock()
-        self.backlog = b""          # TLS records send_nowait could not write yet
+        self._early = b""           # plaintext that came with the peer's last handshake bytes
         self._handshake(handshake_timeout)
         self.tls_name = _certificate_name(self._tls.getpeercert())
 
     def _handshake(self, timeout):
+        """Single-threaded: nobody else uses the connection yet, so no lock is needed."""
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -107,43 +141,71 @@ class TlsTransport:
             except ssl.SSLWantReadError:
                 pass
             except ssl.SSLError as exc:
-                self._flush_outgoing()      # send the alert, if any
-                raise TransportError("TLS handshake failed: %s" % exc.reason) from None
-            self._flush_outgoing()
+                self._write_outgoing()      # send the alert, if any
+                raise TransportError("TLS handshake failed: %s" % exc) from None
+            self._write_outgoing()
             if time.monotonic() > deadline:
                 raise TransportError("TLS handshake timed out")
             try:
                 data = self.sock.recv(RECV_BYTES)
-            except BlockingIOError:
+            except (BlockingIOError, socket.timeout):
                 continue                    # read tick: check the deadline again
             if not data:
                 raise TransportError("connection closed during the TLS handshake")
             self._incoming.write(data)
-        self._flush_outgoing()
+        # The segment that finished the handshake may also carry application
+        # data: decrypt it now, or no socket event would ever announce it.
+        self._early = self._decrypt_available()
+        self._write_outgoing()
 
-    def _flush_outgoing(self):
+    def _write_outgoing(self):
         data = self._outgoing.read()
         if data:
             self.sock.sendall(data)
 
+    def pending(self):
+        return bool(self._early)
+
     def recv(self):
+        if self._early:
+            data, self._early = self._early, b""
+            return data
         while True:
-            with self._tls_lock:
-                try:
-                    plain = self._tls.read(RECV_BYTES)
-                except ssl.SSLWantReadError:
-                    plain = None
-                except ssl.SSLZeroReturnError:
-                    plain = b""             # the peer closed TLS cleanly
-                except ssl.SSLError as exc:
-                    raise OSError("TLS error: %s" % exc.reason) from None
-            if plain is not None:
-                return plain
-            data = self.sock.recv(RECV_BYTES)   # may raise BlockingIOError: the read tick
-            if not data:
+            raw = self.sock.recv(RECV_BYTES)    # may raise the read timeout, as plain TCP does
+            if not raw:
                 return b""
             with self._tls_lock:
-                self._incoming.write(data)
+                self._incoming.write(raw)
+                data = self._decrypt_available()
+                must_answer = self._outgoing.pending > 0
+            if must_answer:
+                # Reading produced records to send back (a TLS 1.3 key update): rare.
+                with self.send_lock:
+                    with self._tls_lock:
+                        out = self._outgoing.read()
+                    self._send_raw(out)
+            if data is None or data:            # None: the peer closed TLS cleanly
+                return data or b""
+
+    def _decrypt_available(self):
+        """All the plaintext the incoming buffer completes: bytes, or None at close_notify.
+
+        Only called with ``_tls_lock`` held (or before anyone else uses the connection).
+        """
+        chunks = []
+        while True:
+            try:
+                chunk = self._tls.read(RECV_BYTES)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:      # the peer's close_notify
+                return b"".join(chunks) or None
+            except ssl.SSLError as exc:
+                raise OSError("TLS error: %s" % (exc.reason or exc)) from None
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def _seal(self, data):
         with self._tls_lock:
@@ -152,32 +214,45 @@ class TlsTransport:
                 view = view[self._tls.write(view):]
             return self._outgoing.read()
 
+    def _send_raw(self, records):
+        if self.backlog:
+            records, self.backlog = self.backlog + records, b""
+        self.sock.sendall(records)
+
     def sendall(self, data):
-        records = self.backlog + self._seal(data) if data else self.backlog
-        self.backlog = b""
-        self.sock.sendall(records)          # callers hold send_lock, so records stay in order
+        self._send_raw(self._seal(data) if data else b"")
 
     def send_nowait(self, data):
-        records = self._seal(data)
-        if self.backlog:
-            self.backlog += records
-            return False
-        try:
-            sent = self.sock.send(records, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            sent = 0
-        self.backlog = records[sent:]
-        return not self.backlog
+        return self._send_raw_nowait(self._seal(data))
 
 
 def server_tls_context(cert_file, key_file, client_ca=None):
     """A server context: TLS 1.2 or later; with ``client_ca``, client certificates required."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
     context.load_cert_chain(cert_file, key_file)
     if client_ca:
         context.verify_mode = ssl.CERT_REQUIRED
         context.load_verify_locations(client_ca)
+    return context
+
+
+def client_tls_context(ca=None, cert=None, key=None):
+    """A client context: verify the broker against ``ca``, TLS 1.2 or later.
+
+    ``ca`` is a PEM file of trusted CA certificates (None: the system's).
+    ``cert`` and ``key`` are this client's certificate and key, for brokers
+    that require client certificates (mutual TLS).  Raises OSError or
+    ssl.SSLError for unreadable files, ValueError for a key without a cert.
+    """
+    if key is not None and cert is None:
+        raise ValueError("a TLS key needs its certificate (--tls-cert)")
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    if cert is not None:
+        context.load_cert_chain(cert, key)
     return context
 
 

@@ -8,6 +8,10 @@
     proxy.drop_line(b"ACK ")             # the next line from the broker starting so is lost
     proxy.cut_after(b"Message:", 50)     # close the connection that carries the 50th such line
     proxy.stall_after(b"ACK ", 100)      # ... or make it silent after the 100th
+    proxy.reset()                        # abort every open connection with a TCP reset (RST)
+    proxy.reset_after(b"ACK ", 30)       # ... or the one that carries the 30th such line
+    FaultProxy(address, latency=0.005)   # hold every chunk 5 ms, each way
+    proxy.fired                          # Counter of the rules that have acted, by action
     proxy.close()
 
 Threads: ``proxy-accept``, and two pumps per connection (``proxy-up-<n>``
@@ -16,13 +20,19 @@ reading one socket; writes go through the transport's ``send_lock``.  Lines
 are forwarded whole (each pump frames by newline), so a rule can act on one:
 the ``*_after`` rules make a fault land mid-stream deterministically.
 Nothing sleeps: every thread blocks on a socket, and close() shuts the
-sockets down and joins them all.
+sockets down and joins them all.  (``latency`` is an injected fault, not
+synchronisation: a pump holds each chunk on an Event that close() sets.)
+
+A cut ends a connection the polite way, with a FIN: the client reads end of
+stream.  A reset aborts it: ``SO_LINGER`` 0, then close, so both ends get an
+RST and a client's next read or write fails with ECONNRESET.
 """
 import collections
 import socket
+import struct
 import threading
 
-from ciphermq.client import PlainTransport
+from ciphermq.transport import PlainTransport
 
 
 class _Link:
@@ -35,6 +45,7 @@ class _Link:
         self.client = None
         self.broker = None
         self.stalled = threading.Event()
+        self.resetting = threading.Event()
         self.threads = []
 
     def run(self):
@@ -59,11 +70,13 @@ class _Link:
         partial = b""
         try:
             while True:
-                data = source.receive()
-                if data is None:
+                data = source.recv()
+                if not data:
                     break
                 if self.stalled.is_set():
                     continue                    # swallowed: the other side hears nothing
+                if self.proxy.latency:
+                    self.proxy.closed.wait(self.proxy.latency)
                 lines = (partial + data).split(b"\n")
                 partial = lines.pop()
                 kept, action = [], None
@@ -71,12 +84,14 @@ class _Link:
                     action = self.proxy._rule_for(line, to_client)
                     if action != "drop":
                         kept.append(line + b"\n")
-                    if action in ("cut", "stall"):
+                    if action in ("cut", "stall", "reset"):
                         break
                 if kept:
                     with target.send_lock:
-                        target.send_locked(b"".join(kept))
-                if action == "cut":
+                        target.sendall(b"".join(kept))
+                if action == "reset":
+                    self.reset()
+                if action in ("cut", "reset"):
                     break
                 if action == "stall":
                     self.stalled.set()
@@ -85,20 +100,38 @@ class _Link:
         self.shutdown()
 
     def shutdown(self):
+        if self.resetting.is_set():
+            return                              # run() closes the sockets: RST, not FIN
         for side in (self.client, self.broker):
             if side is not None:
                 side.shutdown()
+
+    def reset(self):
+        """Abort both sides: wake the pumps without sending a FIN; run()'s close sends RST."""
+        self.resetting.set()
+        for side in (self.client, self.broker):
+            if side is None:
+                continue
+            try:
+                side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                     struct.pack("ii", 1, 0))
+                side.sock.shutdown(socket.SHUT_RD)     # wakes its pump, sends nothing
+            except OSError:
+                pass                                    # already closed
 
 
 class FaultProxy:
     """Forwards 127.0.0.1:<port> to ``upstream``; see the module docstring."""
 
-    def __init__(self, upstream):
+    def __init__(self, upstream, latency=0.0):
         self.upstream = tuple(upstream)
+        self.latency = latency              # seconds each chunk is held, each way
+        self.closed = threading.Event()     # set by close(): ends a latency hold at once
         self.dropped = []                   # the lines dropped by rules
+        self.fired = collections.Counter()  # rules that have acted, by action
         #: Lines seen, by (to_client, first word): e.g. forwarded[True, b"PONG"].
         self.forwarded = collections.Counter()
-        self._lock = threading.Lock()       # guards _links, _rules, _count, forwarded
+        self._lock = threading.Lock()       # guards _links, _rules, _count, forwarded, fired
         self._links = []
         self._rules = []                    # [action, to_client, prefix, countdown]
         self._count = 0
@@ -148,6 +181,10 @@ class FaultProxy:
         """Make that connection silent right after forwarding the count-th such line."""
         self._add_rule("stall", prefix, count, to_client)
 
+    def reset_after(self, prefix, count=1, to_client=True):
+        """Abort that connection (RST) right after forwarding the count-th such line."""
+        self._add_rule("reset", prefix, count, to_client)
+
     def _add_rule(self, action, prefix, count, to_client):
         with self._lock:
             self._rules.append([action, to_client, prefix, count])
@@ -163,6 +200,7 @@ class FaultProxy:
                     if rule[3] > 0:
                         return None
                     self._rules.remove(rule)
+                    self.fired[action] += 1
                     if action == "drop":
                         self.dropped.append(line)
                     return action
@@ -182,8 +220,14 @@ class FaultProxy:
         for link in self._snapshot():
             link.stalled.set()
 
+    def reset(self):
+        """Abort every open connection with an RST, both ways.  New ones are forwarded."""
+        for link in self._snapshot():
+            link.reset()
+
     def close(self):
         """Stop accepting, close every connection and join every thread."""
+        self.closed.set()
         try:
             self._listener.shutdown(socket.SHUT_RDWR)
         except OSError:

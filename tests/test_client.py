@@ -9,7 +9,8 @@ import pytest
 
 from ciphermq import access
 from ciphermq import client as clientlib
-from ciphermq.client import Client, Delivery, client_tls_context, connect
+from ciphermq.client import Client, Delivery, connect
+from ciphermq.transport import client_tls_context
 from ciphermq.errors import ConnectionLost, ServerError
 from conftest import WAIT, envelope
 from proxy import FaultProxy

@@ -125,7 +125,7 @@ def _kill_receiver_repeatedly(server, keys, spawn, tmp_path, count, kills):
         receiver = spawn(receiver_args(port, keys, output, "-v"))
         receiver.wait_for("💾 [RECEIVER]")                # it is storing: kill it at random
         try:
-            receiver.proc.wait(rng.uniform(0.0, 0.2))
+            receiver.proc.wait(rng.uniform(0.0, 0.08))   # short: the messages must outlast the kills
             raise AssertionError("the receiver exited by itself:\n" + receiver.stderr)
         except subprocess.TimeoutExpired:
             receiver.proc.kill()
