@@ -32,12 +32,9 @@ import argparse
 import collections
 import datetime
 import json
-import logging
 import os
 import queue
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -46,7 +43,7 @@ _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from ciphermq import client, crypto  # noqa: E402  (needs the path above)
+from ciphermq import cli, client, crypto  # noqa: E402  (needs the path above)
 from ciphermq.errors import ConnectionLost, DecryptionError, ServerError  # noqa: E402
 from ciphermq.store import CorruptFile, JsonLinesFile, MessageStore, encode  # noqa: E402
 
@@ -397,18 +394,12 @@ def _now():
     return datetime.datetime.now().astimezone().isoformat(timespec="milliseconds")
 
 
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="Receiver.py", description="Receive, decrypt and store CipherMQ messages, "
                                         "each exactly once.")
-    client.add_connection_arguments(parser)
+    cli.add_connection_arguments(parser)
     parser.add_argument("--queue", default="default_queue",
                         help="queue to consume (default %(default)s)")
     parser.add_argument("--private-key", default="keys/receiver_private.pem", type=Path,
@@ -423,12 +414,12 @@ def parse_args(argv):
                         help="unacked messages the broker may push ahead; twice --ack-batch "
                              "keeps the next batch arriving while one is stored "
                              "(default %(default)s)")
-    parser.add_argument("--ack-batch", type=positive_int, default=100, metavar="N",
+    parser.add_argument("--ack-batch", type=cli.positive_int, default=100, metavar="N",
                         help="store at most N messages per fsync before acking them "
                              "(default %(default)s)")
     parser.add_argument("--ack-timeout", type=float, default=5.0, metavar="SECONDS",
                         help="re-send an ack not confirmed within this (default 5)")
-    parser.add_argument("--max-messages", type=positive_int, metavar="N",
+    parser.add_argument("--max-messages", type=cli.positive_int, metavar="N",
                         help="exit after storing N new messages")
     parser.add_argument("--idle-exit", type=float, metavar="SECONDS",
                         help="exit after this long without a new message")
@@ -453,15 +444,14 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    cli.configure_logging(args.verbose)
     try:
         hook = CrashHook(os.environ.get("CIPHERMQ_CRASH_AT"))
         opener = crypto.Opener(args.private_key, strict=args.strict,
                                trusted_senders=args.trusted_senders,
                                require_signature=args.require_signature,
                                max_age_seconds=args.max_age)
-        options = client.connection_options(args)
+        options = cli.connection_options(args)
     except (OSError, ValueError) as exc:
         print("❌ [RECEIVER] %s" % exc, file=sys.stderr)
         return 2
@@ -473,13 +463,7 @@ def main(argv=None):
     if store.torn_bytes:
         print("✂️ [RECEIVER] Cut a torn last line (%d bytes) off %s; its message will be "
               "delivered again" % (store.torn_bytes, args.output), flush=True)
-    stop = threading.Event()
-
-    def request_stop(signum, frame):
-        stop.set()
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    stop = cli.stop_on_signals()
     print("📂 [RECEIVER] %d message(s) already in %s" % (len(store), args.output), flush=True)
     try:
         return Receiver(args, opener, store, options, stop, hook).run()

@@ -23,10 +23,7 @@ named, and kept in the outbox); 2 for bad usage or unusable keys.
 import argparse
 import collections
 import itertools
-import logging
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -35,7 +32,7 @@ _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from ciphermq import client, crypto, protocol  # noqa: E402  (needs the path above)
+from ciphermq import cli, client, crypto, protocol  # noqa: E402  (needs the path above)
 from ciphermq.errors import ConnectionLost, ProtocolError, ServerError  # noqa: E402
 from ciphermq.outbox import Outbox, record  # noqa: E402
 from ciphermq.store import CorruptFile  # noqa: E402
@@ -261,18 +258,12 @@ class Sender:
         return 1
 
 
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="Sender.py", description="Encrypt messages for the receiver and publish them "
                                       "to a CipherMQ broker, keeping each until it is ACKed.")
-    client.add_connection_arguments(parser)
+    cli.add_connection_arguments(parser)
     parser.add_argument("--exchange", default="default_exchange",
                         help="exchange to publish to (default %(default)s)")
     parser.add_argument("--routing-key", default="default_key",
@@ -285,14 +276,14 @@ def parse_args(argv):
     what.add_argument("--file", metavar="PATH",
                       help="send each line of PATH as one message (- for stdin)")
     what.add_argument("--count", type=int, metavar="N", help="send N generated test messages")
-    parser.add_argument("--window", type=positive_int, default=32,
+    parser.add_argument("--window", type=cli.positive_int, default=32,
                         help="publishes in flight before waiting for ACKs; 1 = one at a time, "
                              "as in the document (default %(default)s)")
     parser.add_argument("--ack-timeout", type=float, default=5.0, metavar="SECONDS",
                         help="wait this long for each ACK before retrying (default 5)")
     parser.add_argument("--outbox", default="pending_messages.json", type=Path,
                         help="durable file of messages not yet ACKed (default %(default)s)")
-    parser.add_argument("--key-reuse", type=positive_int, default=1, metavar="N",
+    parser.add_argument("--key-reuse", type=cli.positive_int, default=1, metavar="N",
                         help="use one AES session key for up to N messages (default 1: a fresh "
                              "key, and an RSA operation, per message)")
     parser.add_argument("--signing-key", type=Path, metavar="PEM",
@@ -328,13 +319,12 @@ def read_messages(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    cli.configure_logging(args.verbose)
     try:
         texts = read_messages(args)
         sealer = crypto.Sealer(args.public_key, key_reuse=args.key_reuse,
                                signing_key=args.signing_key, sender=args.sender)
-        options = client.connection_options(args)
+        options = cli.connection_options(args)
     except (OSError, ValueError) as exc:
         print("❌ [SENDER] %s" % exc, file=sys.stderr)
         return 2
@@ -343,13 +333,7 @@ def main(argv=None):
     except (OSError, CorruptFile) as exc:
         print("❌ [SENDER] cannot use the outbox: %s" % exc, file=sys.stderr)
         return 1
-    stop = threading.Event()
-
-    def request_stop(signum, frame):
-        stop.set()
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    stop = cli.stop_on_signals()
     with outbox:
         try:
             return Sender(outbox, sealer, args, options, stop).run(texts, args.verbose)

@@ -48,7 +48,7 @@ from typing import NamedTuple
 
 from . import protocol
 from .errors import ConnectionLost, ServerError
-from .transport import PlainTransport, TlsTransport, TransportError, client_tls_context
+from .transport import PlainTransport, TlsTransport, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class Client:
                  heartbeat_timeout=None, tls_context=None, server_hostname=None, auth=None,
                  clock=time.monotonic):
         if auth is not None:
-            _check_auth(*auth)
+            check_auth(*auth)
         self.address = (host, port)
         self.peer = "%s:%s" % (host, port)
         self.timeout = timeout
@@ -452,7 +452,7 @@ def connect(host="127.0.0.1", port=5672, *, attempts=None, retry_interval=1.0, s
 
 # -- helpers -----------------------------------------------------------------------
 
-def _check_auth(name, token):
+def check_auth(name, token):
     for what, value in (("name", name), ("token", token)):
         if not isinstance(value, str) or not value or any(ch.isspace() for ch in value):
             raise ValueError("the auth %s must be a non-empty string without spaces" % what)
@@ -500,50 +500,3 @@ def _describe(exc):
     if isinstance(exc, socket.timeout):
         return "timed out (the other end stopped reading)"
     return str(exc) or type(exc).__name__
-
-
-# -- the scripts' shared connection options ------------------------------------------
-
-def add_connection_arguments(parser, *, default_port=5672):
-    """Add the options every client script shares: broker address, TLS, auth, heartbeat."""
-    group = parser.add_argument_group("connection")
-    group.add_argument("--host", default="127.0.0.1", help="broker address (default %(default)s)")
-    group.add_argument("--port", type=int, default=default_port,
-                       help="broker port (default %(default)s)")
-    group.add_argument("--heartbeat", type=float, default=5.0, metavar="SECONDS",
-                       help="ping the broker after this long without a byte from it; no answer "
-                            "within as long again means the connection is dead (default 5)")
-    group.add_argument("--tls-ca", metavar="PEM", help="connect with TLS, trusting this CA")
-    group.add_argument("--tls-cert", metavar="PEM",
-                       help="this client's certificate, for brokers that require one")
-    group.add_argument("--tls-key", metavar="PEM", help="the key of --tls-cert")
-    group.add_argument("--auth", metavar="NAME[:TOKEN]",
-                       help="authenticate as NAME (token here, or better from --token-file)")
-    group.add_argument("--token-file", metavar="PATH",
-                       help="file whose first line is the --auth token")
-
-
-def connection_options(args):
-    """Keyword arguments for :func:`connect` from the parsed options.
-
-    Raises ValueError for inconsistent options, OSError or ssl.SSLError for
-    unreadable TLS or token files.
-    """
-    tls = None
-    if args.tls_ca or args.tls_cert or args.tls_key:
-        tls = client_tls_context(args.tls_ca, args.tls_cert, args.tls_key)
-    auth = None
-    if args.auth:
-        name, _, token = args.auth.partition(":")
-        if args.token_file:
-            if token:
-                raise ValueError("give the token in --auth or in --token-file, not both")
-            with open(args.token_file, encoding="utf-8") as file:
-                token = file.readline().strip()
-        auth = (name, token)
-        _check_auth(*auth)
-    elif args.token_file:
-        raise ValueError("--token-file needs --auth NAME")
-    heartbeat = args.heartbeat if args.heartbeat > 0 else None
-    return {"host": args.host, "port": args.port, "tls_context": tls, "auth": auth,
-            "heartbeat": heartbeat}

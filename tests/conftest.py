@@ -1,4 +1,8 @@
-"""Shared fixtures: a real broker on port 0, and a raw line-oriented test client."""
+"""Shared fixtures: a real broker on port 0, and a raw line-oriented test client.
+
+The fixtures for running the scripts as processes (``keys``, ``certs``,
+``spawn``) live in tests/scripts.py, loaded as a plugin below.
+"""
 import contextlib
 import json
 import socket
@@ -10,6 +14,9 @@ import pytest
 from ciphermq.config import ServerConfig
 from ciphermq.server import BrokerServer
 from processes import BrokerProcess
+from proxy import FaultProxy
+
+pytest_plugins = ["scripts"]
 
 #: How long a test waits for a line it expects before failing (not a sleep).
 WAIT = 5.0
@@ -168,3 +175,14 @@ def broker_process():
     yield start
     for process in started:
         process.close()
+
+
+@pytest.fixture
+def proxy_to(server):
+    """Fault proxies in front of the ``server`` fixture; closed at teardown."""
+    with contextlib.ExitStack() as stack:
+        def start():
+            proxy = FaultProxy(server.address).start()
+            stack.callback(proxy.close)
+            return proxy
+        yield start

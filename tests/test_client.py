@@ -13,8 +13,6 @@ from ciphermq.client import Client, Delivery, connect
 from ciphermq.transport import client_tls_context
 from ciphermq.errors import ConnectionLost, ServerError
 from conftest import WAIT, envelope
-from proxy import FaultProxy
-from scripts import certs  # noqa: F401  (a fixture)
 
 
 @pytest.fixture
@@ -27,17 +25,6 @@ def open_client():
             stack.callback(client.close)
             return client
         yield opener
-
-
-@pytest.fixture
-def proxy_to(server):
-    """Fault proxies in front of the ``server`` fixture; closed at teardown."""
-    with contextlib.ExitStack() as stack:
-        def start():
-            proxy = FaultProxy(server.address).start()
-            stack.callback(proxy.close)
-            return proxy
-        yield start
 
 
 def test_publish_consume_ack_round_trip(server, open_client):

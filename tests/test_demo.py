@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import WAIT
-from scripts import DEMO, keys, load_script, spawn  # noqa: F401
+from scripts import DEMO, load_script
 
 MESSAGES = load_script("demo").MESSAGES
 

@@ -1,6 +1,5 @@
 """bin/Receiver.py as a process: each message exactly once in its output -- across duplicates,
 rejects, dropped and half-open connections, signals, crashes at every window, and SIGKILLs."""
-import contextlib
 import json
 import os
 import random
@@ -10,23 +9,10 @@ import subprocess
 import pytest
 
 from conftest import WAIT
-from proxy import FaultProxy
-from scripts import (PATIENCE, assert_exactly_once, free_port, intact_ids, keys,  # noqa: F401
-                     publish_sealed, queue_stats, read_records, receiver_args, script_env,
-                     sender_args, spawn)
+from scripts import (PATIENCE, assert_exactly_once, free_port, intact_ids, publish_sealed,
+                     queue_stats, read_records, receiver_args, script_env, sender_args)
 
 CRASH_POINTS = ("before-write", "mid-write", "after-write", "after-fsync", "after-ack")
-
-
-@pytest.fixture
-def proxy_to(server):
-    """Fault proxies in front of the ``server`` fixture; closed at teardown."""
-    with contextlib.ExitStack() as stack:
-        def start():
-            proxy = FaultProxy(server.address).start()
-            stack.callback(proxy.close)
-            return proxy
-        yield start
 
 
 def test_each_message_is_stored_once_with_the_documents_status_lines(server, keys, spawn,

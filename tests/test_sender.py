@@ -1,27 +1,14 @@
 """bin/Sender.py as a process: every message ACKed once, through lost ACKs, kills and outages."""
-import contextlib
 import os
 
 import pytest
 
 from ciphermq import access, crypto
 from ciphermq.outbox import Outbox
-from proxy import FaultProxy
-from scripts import (assert_exactly_once, certs, free_port, keys, load_script,  # noqa: F401
-                     read_records, receiver_args, run_sender, sender_args, spawn)
+from scripts import (assert_exactly_once, free_port, load_script, read_records, receiver_args,
+                     run_sender, sender_args)
 
 TEST_MESSAGE = load_script("Sender").TEST_MESSAGE
-
-
-@pytest.fixture
-def proxy_to(server):
-    """Fault proxies in front of the ``server`` fixture; closed at teardown."""
-    with contextlib.ExitStack() as stack:
-        def start():
-            proxy = FaultProxy(server.address).start()
-            stack.callback(proxy.close)
-            return proxy
-        yield start
 
 
 def receive_all(port, keys, spawn, output, count):

@@ -1,0 +1,84 @@
+"""What the command-line scripts share: connection options, argument types, stop signals.
+
+``bin/Sender.py`` and ``bin/Receiver.py`` are thin: argparse, then the library.
+The pieces both need live here so each exists once.
+"""
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from .client import check_auth
+from .transport import client_tls_context
+
+
+def add_connection_arguments(parser, *, default_port=5672):
+    """Add the options every client script shares: broker address, TLS, auth, heartbeat."""
+    group = parser.add_argument_group("connection")
+    group.add_argument("--host", default="127.0.0.1", help="broker address (default %(default)s)")
+    group.add_argument("--port", type=int, default=default_port,
+                       help="broker port (default %(default)s)")
+    group.add_argument("--heartbeat", type=float, default=5.0, metavar="SECONDS",
+                       help="ping the broker after this long without a byte from it; no answer "
+                            "within as long again means the connection is dead (default 5)")
+    group.add_argument("--tls-ca", metavar="PEM", help="connect with TLS, trusting this CA")
+    group.add_argument("--tls-cert", metavar="PEM",
+                       help="this client's certificate, for brokers that require one")
+    group.add_argument("--tls-key", metavar="PEM", help="the key of --tls-cert")
+    group.add_argument("--auth", metavar="NAME[:TOKEN]",
+                       help="authenticate as NAME (token here, or better from --token-file)")
+    group.add_argument("--token-file", metavar="PATH",
+                       help="file whose first line is the --auth token")
+
+
+def connection_options(args):
+    """Keyword arguments for :func:`connect` from the parsed options.
+
+    Raises ValueError for inconsistent options, OSError or ssl.SSLError for
+    unreadable TLS or token files.
+    """
+    tls = None
+    if args.tls_ca or args.tls_cert or args.tls_key:
+        tls = client_tls_context(args.tls_ca, args.tls_cert, args.tls_key)
+    auth = None
+    if args.auth:
+        name, _, token = args.auth.partition(":")
+        if args.token_file:
+            if token:
+                raise ValueError("give the token in --auth or in --token-file, not both")
+            with open(args.token_file, encoding="utf-8") as file:
+                token = file.readline().strip()
+        auth = (name, token)
+        check_auth(*auth)
+    elif args.token_file:
+        raise ValueError("--token-file needs --auth NAME")
+    heartbeat = args.heartbeat if args.heartbeat > 0 else None
+    return {"host": args.host, "port": args.port, "tls_context": tls, "auth": auth,
+            "heartbeat": heartbeat}
+
+
+def positive_int(text):
+    """argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def configure_logging(verbose):
+    """Library log lines on stderr: INFO with -v, else warnings only."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+
+
+def stop_on_signals():
+    """An Event that SIGINT and SIGTERM set, for a script's orderly stop."""
+    stop = threading.Event()
+
+    def request_stop(signum, frame):
+        stop.set()
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    return stop
