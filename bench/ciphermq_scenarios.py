@@ -12,7 +12,7 @@ import tempfile
 import ciphermq_clients as clients
 import envelopes
 from ciphermq_broker import running_broker, running_relay
-from processes import ClientProcesses, percentile, rss_mib, split
+from processes import ClientProcesses, latency_figures, rss_mib, split
 
 WINDOW = 2000               # publishes in flight per pipelined publisher (as the RabbitMQ side)
 PREFETCH = 2000             # unacked deliveries per consumer (as the RabbitMQ side)
@@ -88,13 +88,7 @@ def _latency(address, seconds, pid=None, idle_clients=0):
         procs.go.set()
         results = procs.collect(2)
     consumer = next(r for r in results if "count" in r)
-    lat_ms = sorted(value * 1000.0 for value in consumer["latencies"])
-    figures = {"msgs": msgs, "rate": LATENCY_RATE, "idle_clients": idle_clients,
-               "p50_ms": round(percentile(lat_ms, 0.50), 3),
-               "p99_ms": round(percentile(lat_ms, 0.99), 3),
-               "max_ms": round(lat_ms[-1], 3)}
-    figures.update(extra)
-    return figures
+    return latency_figures(consumer["latencies"], msgs, LATENCY_RATE, idle_clients, extra)
 
 
 # --------------------------------------------------------------------------- scenarios

@@ -53,6 +53,17 @@ def percentile(sorted_values, fraction):
     return sorted_values[index]
 
 
+def latency_figures(latencies, msgs, rate, idle_clients, extra):
+    """One latency run's figures: p50/p99/max in ms from latencies in seconds, plus ``extra``."""
+    lat_ms = sorted(value * 1000.0 for value in latencies)
+    figures = {"msgs": msgs, "rate": rate, "idle_clients": idle_clients,
+               "p50_ms": round(percentile(lat_ms, 0.50), 3),
+               "p99_ms": round(percentile(lat_ms, 0.99), 3),
+               "max_ms": round(lat_ms[-1], 3)}
+    figures.update(extra)
+    return figures
+
+
 def _client_main(target, args, results):
     """Child-process entry: run ``target(*args)`` and put its dict (or its error) on results."""
     try:

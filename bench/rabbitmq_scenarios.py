@@ -11,7 +11,7 @@ the VM's noise above ~1000; 100 or less cost 20-40%).  CipherMQ's side uses the 
 import envelopes
 import pika
 import rabbitmq_clients as clients
-from processes import ClientProcesses, percentile, rss_mib, split
+from processes import ClientProcesses, latency_figures, rss_mib, split
 from rabbitmq_node import private_rabbitmq
 
 WINDOW = 2000               # unconfirmed messages in flight per pipelined publisher
@@ -98,13 +98,7 @@ def _latency(info, name, seconds, idle_clients=0):
     consumer = next(r for r in results if "count" in r)
     if consumer["count"] != msgs:
         raise RuntimeError(f"{name}: consumer got {consumer['count']} of {msgs}")
-    lat_ms = sorted(value * 1000.0 for value in consumer["latencies"])
-    figures = {"msgs": msgs, "rate": LATENCY_RATE, "idle_clients": idle_clients,
-               "p50_ms": round(percentile(lat_ms, 0.50), 3),
-               "p99_ms": round(percentile(lat_ms, 0.99), 3),
-               "max_ms": round(lat_ms[-1], 3)}
-    figures.update(extra)
-    return figures
+    return latency_figures(consumer["latencies"], msgs, LATENCY_RATE, idle_clients, extra)
 
 
 def _publish_only(info, queue_name, msgs, persistent):
