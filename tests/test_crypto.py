@@ -555,3 +555,16 @@ def test_thousand_crypto_negatives_are_all_refused(rsa_key, signers, trusted):
             kinds.add(kind)
     assert attempts == 1000 and len(kinds) == 10
     assert receiver.rsa_operations == len(originals)    # no forgery cost an RSA operation
+
+
+def test_one_opener_serves_several_threads_at_once(rsa_key):
+    """The Receiver decrypts a batch on a thread pool: one Opener gives every thread its own
+    message back, with and without the session-key cache."""
+    import concurrent.futures
+    plain, reused = sealer(rsa_key), sealer(rsa_key, key_reuse=10)
+    envelopes = [plain.seal("plain %d" % i) for i in range(12)]
+    envelopes += [reused.seal("reused %d" % i) for i in range(12)]
+    shared = opener(rsa_key)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        opened = list(pool.map(lambda env: shared.open(env, env["message_id"]), envelopes))
+    assert opened == ["plain %d" % i for i in range(12)] + ["reused %d" % i for i in range(12)]
