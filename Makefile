@@ -47,7 +47,7 @@ fuzz: install
 	$(PY) bench/fuzz.py $(ARGS)
 
 lint: install
-	$(PY) -m pip install --quiet --disable-pip-version-check ruff
+	$(PY) -m pip install --quiet --disable-pip-version-check 'ruff>=0.4'
 	$(VENV)/bin/ruff check ciphermq bin tests bench
 
 clean:

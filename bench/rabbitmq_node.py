@@ -155,7 +155,8 @@ class _Node:
                 code = self.epmd.wait(timeout=max(0.0, min(0.05, remaining)))
             except subprocess.TimeoutExpired:
                 if remaining <= 0:
-                    raise RabbitMQUnavailable(f"epmd did not listen on {self.epmd_port}")
+                    raise RabbitMQUnavailable(
+                        f"epmd did not listen on {self.epmd_port}") from None
                 continue
             raise RabbitMQUnavailable(f"epmd exited with {code}")
 

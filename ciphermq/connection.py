@@ -97,7 +97,7 @@ class Connection(socketserver.BaseRequestHandler):
                 return
 
     def _answer(self):
-        """Send the replies of this read (after the journal has them); False if the connection is over."""
+        """Send this read's replies, once the journal has them; False if the connection is over."""
         if self._must_sync and not self._sync():
             return False
         if self.chaos:

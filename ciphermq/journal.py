@@ -125,8 +125,9 @@ class Journal:
             leftover.unlink()
         payloads, good_bytes = [], 0
         if self.path.exists():
-            for payload, good_bytes in read_records(self.path):
+            for payload, end in read_records(self.path):
                 payloads.append(payload)
+                good_bytes = end
             size = self.path.stat().st_size
             if size > good_bytes:
                 log.warning("Journal %s: cutting %d bytes of torn or corrupt tail at offset %d",

@@ -25,8 +25,8 @@ import sys
 import threading
 
 from . import __version__, recovery
-from .broker import Broker
 from .access import Users
+from .broker import Broker
 from .chaos import Chaos, ChaosSpecError
 from .config import ServerConfig
 from .connection import Connection
@@ -113,7 +113,7 @@ class BrokerServer(socketserver.ThreadingTCPServer):
         return self
 
     def stop(self, timeout=5.0):
-        """Stop in the documented order; safe to call twice, from any thread but the accept thread."""
+        """Stop in the documented order; safe twice, from any thread but the accept thread."""
         if self._accept_thread is not None:
             self.shutdown()
             self._accept_thread.join(timeout)

@@ -43,7 +43,8 @@ class TransportError(CipherMQError):
 def set_timeouts(sock, read_seconds, write_seconds):
     """Blocking socket whose recv waits at most ``read_seconds`` and each send ``write_seconds``."""
     sock.settimeout(None)
-    for option, seconds in ((socket.SO_RCVTIMEO, read_seconds), (socket.SO_SNDTIMEO, write_seconds)):
+    for option, seconds in ((socket.SO_RCVTIMEO, read_seconds),
+                            (socket.SO_SNDTIMEO, write_seconds)):
         whole = int(seconds)
         sock.setsockopt(socket.SOL_SOCKET, option,
                         struct.pack("ll", whole, int((seconds - whole) * 1_000_000)))

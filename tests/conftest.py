@@ -10,11 +10,11 @@ import ssl
 import uuid
 
 import pytest
+from processes import BrokerProcess
+from proxy import FaultProxy
 
 from ciphermq.config import ServerConfig
 from ciphermq.server import BrokerServer
-from processes import BrokerProcess
-from proxy import FaultProxy
 
 pytest_plugins = ["scripts"]
 

@@ -1,4 +1,4 @@
-"""Real broker processes for tests: start ``python -m ciphermq.server``, read its port, stop or kill it."""
+"""Real broker processes for tests: start ``python -m ciphermq.server``, read its port, kill it."""
 import re
 import signal
 import subprocess

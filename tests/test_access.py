@@ -2,9 +2,9 @@
 import json
 
 import pytest
+from conftest import Wire, publish_line
 
 from ciphermq import access
-from conftest import Wire, publish_line
 
 
 @pytest.fixture

@@ -1,9 +1,9 @@
 """The broker's rules, driven directly with a fake clock (no sockets, no waiting)."""
 import pytest
+from conftest import FakeClock
 
 from ciphermq.broker import Broker
 from ciphermq.errors import BrokerError
-from conftest import FakeClock
 
 
 @pytest.fixture

@@ -3,9 +3,9 @@ import json
 import logging
 
 import pytest
+from conftest import Wire, publish_line
 
 from ciphermq.chaos import Chaos, ChaosSpecError, parse_spec
-from conftest import Wire, publish_line
 
 
 def test_spec_parses_every_fault_and_the_delay_range():

@@ -7,7 +7,6 @@ import sys
 import uuid
 
 import pytest
-
 from conftest import WAIT
 
 

@@ -6,13 +6,13 @@ import socket
 import threading
 
 import pytest
+from conftest import WAIT, envelope
 
 from ciphermq import access
 from ciphermq import client as clientlib
 from ciphermq.client import Client, Delivery, connect
-from ciphermq.transport import client_tls_context
 from ciphermq.errors import ConnectionLost, ServerError
-from conftest import WAIT, envelope
+from ciphermq.transport import client_tls_context
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ import json
 import random
 
 import pytest
-
 from conftest import Wire, parse_message, publish_line
 
 

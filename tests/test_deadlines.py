@@ -1,4 +1,4 @@
-"""Read-side deadlines: a client that dribbles a line or goes silent cannot hold a thread forever."""
+"""Read deadlines: a client that dribbles a line or goes silent cannot hold a thread forever."""
 from conftest import Wire
 
 

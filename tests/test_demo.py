@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import WAIT
 from scripts import DEMO, load_script
 

@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import pytest
+from conftest import WAIT, Wire, envelope, parse_message, publish_line
 
 from ciphermq import access
-from conftest import WAIT, Wire, envelope, parse_message, publish_line
 
 REPO = Path(__file__).resolve().parent.parent
 LIMIT = 8192                    # max_line_bytes of the "small" profile

@@ -4,13 +4,13 @@ import os
 import threading
 
 import pytest
+from conftest import WAIT, Wire, parse_message, publish_line
 
 from ciphermq import journal as journal_module
 from ciphermq import recovery
 from ciphermq.config import ServerConfig
 from ciphermq.journal import Journal, JournalError, encode, read_records
 from ciphermq.server import BrokerServer
-from conftest import WAIT, Wire, parse_message, publish_line
 
 
 @pytest.fixture

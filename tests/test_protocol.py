@@ -89,7 +89,8 @@ def test_publisher_cannot_set_delivery_count():
      "field 'enc_session_key' must be a string"),
     (b'{"message_id": "a b", "enc_session_key": "k", "nonce": "n", "tag": "t", "ciphertext": "c"}',
      "invalid message_id"),
-    (b'{"message_id": "m\xff", "enc_session_key": "k", "nonce": "n", "tag": "t", "ciphertext": "c"}',
+    (b'{"message_id": "m\xff", "enc_session_key": "k", "nonce": "n", "tag": "t", '
+     b'"ciphertext": "c"}',
      "invalid UTF-8"),
     (b'{"a": ' * 100_000 + b'1' + b'}' * 100_000, "invalid JSON"),
 ])

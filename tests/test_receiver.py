@@ -7,10 +7,19 @@ import signal
 import subprocess
 
 import pytest
-
 from conftest import WAIT
-from scripts import (PATIENCE, assert_exactly_once, free_port, intact_ids, publish_sealed,
-                     queue_stats, read_records, receiver_args, script_env, sender_args)
+from scripts import (
+    PATIENCE,
+    assert_exactly_once,
+    free_port,
+    intact_ids,
+    publish_sealed,
+    queue_stats,
+    read_records,
+    receiver_args,
+    script_env,
+    sender_args,
+)
 
 CRASH_POINTS = ("before-write", "mid-write", "after-write", "after-fsync", "after-ack")
 
@@ -111,7 +120,7 @@ def _kill_receiver_repeatedly(server, keys, spawn, tmp_path, count, kills):
         receiver = spawn(receiver_args(port, keys, output, "-v"))
         receiver.wait_for("💾 [RECEIVER]")                # it is storing: kill it at random
         try:
-            receiver.proc.wait(rng.uniform(0.0, 0.08))   # short: the messages must outlast the kills
+            receiver.proc.wait(rng.uniform(0.0, 0.08))   # short: messages must outlast the kills
             raise AssertionError("the receiver exited by itself:\n" + receiver.stderr)
         except subprocess.TimeoutExpired:
             receiver.proc.kill()

@@ -2,11 +2,18 @@
 import os
 
 import pytest
+from scripts import (
+    assert_exactly_once,
+    free_port,
+    load_script,
+    read_records,
+    receiver_args,
+    run_sender,
+    sender_args,
+)
 
 from ciphermq import access, crypto
 from ciphermq.outbox import Outbox
-from scripts import (assert_exactly_once, free_port, load_script, read_records, receiver_args,
-                     run_sender, sender_args)
 
 TEST_MESSAGE = load_script("Sender").TEST_MESSAGE
 

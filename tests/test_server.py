@@ -4,10 +4,10 @@ import socket
 import threading
 
 import pytest
+from conftest import WAIT, Wire, envelope, parse_message, publish_line
 
 from ciphermq.config import ServerConfig
 from ciphermq.server import BrokerServer
-from conftest import WAIT, Wire, envelope, parse_message, publish_line
 
 
 def consume_ids(client, count):

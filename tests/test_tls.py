@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import WAIT, Wire, publish_line
 
 from ciphermq import access
-from conftest import WAIT, Wire, publish_line
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 REPO = Path(__file__).resolve().parent.parent
