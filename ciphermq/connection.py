@@ -225,8 +225,9 @@ class Connection(socketserver.BaseRequestHandler):
             results, woken = self.broker.ack_many(self.session, ids)
             reply, fault, what = protocol.ack_confirmed_reply, "drop-confirm", "ACK_CONFIRMED"
         self._woken.extend(woken)
+        log_acks = kind == "ack" and log.isEnabledFor(logging.DEBUG)
         for message_id, (_, slot), result in zip(ids, group, results):
-            if result is True and kind == "ack":
+            if log_acks and result is True:
                 log.debug("Message %s acknowledged", message_id)
             if isinstance(result, CipherMQError):
                 self._replies[slot] = protocol.error_reply(result)
