@@ -2,14 +2,29 @@
 
     python bin/demo.py                  # keys from keys/ (``make keys`` makes them)
     python bin/demo.py --keep           # keep the temporary directory with the files
+    python bin/demo.py --count 200 -v --chaos drop-ack=0.05,drop-confirm=0.05 \
+        --chaos-seed 7 --broker-arg=--redelivery-interval=2     # make chaos-demo
 
 Starts a broker on a free port (``python -m ciphermq.server --port 0``, whose
 log names the port), a receiver that stops after the demo's messages, and a
 sender; waits for the receiver to exit (not for a fixed time), prints what
 was stored, and stops everything it started -- also on Ctrl-C or SIGTERM.
 The receiver's output and the sender's outbox go to a temporary directory,
-so the checkout stays clean.  Exit status 0 if every message arrived, 130 if
-interrupted.
+so the checkout stays clean.  Exit status 0 if every message arrived exactly
+once, 130 if interrupted.
+
+The last word is the checker's (:mod:`ciphermq.checker`): from the sender's
+status lines, its outbox and the receiver's output it counts what was
+ACKed and what was stored, and says whether anything was lost or stored twice.
+
+Chaos mode (``--chaos SPEC``, see ``ciphermq/chaos.py``) makes the broker
+misbehave on purpose: every fault it injects is shown as a ``💥 [BROKER]``
+line, and the sender's retries, the receiver's dedup and the redeliveries
+can be watched absorbing them.  The clients then give up on a reply after
+1 s instead of 5 (``--ack-timeout 1 --heartbeat 1``), so retries come
+quickly.  A sender that gives up on a message after its 3 attempts keeps it
+in its outbox; the demo then runs it again, as a user would, and that run
+delivers the rest.
 
 Threads: the demo itself runs in ``demo-run``; the main thread only waits for
 it, so that Ctrl-C (always delivered to the main thread) never lands in the
@@ -17,7 +32,9 @@ middle of starting a child: :class:`Children` starts each one under a lock,
 and stopping takes the same lock, so no child can be started unseen.
 """
 import argparse
+import collections
 import json
+import os
 import queue
 import re
 import shutil
@@ -29,6 +46,12 @@ import threading
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# Runnable as ``python bin/demo.py`` from a checkout, without installing the package.
+if str(HERE.parent) not in sys.path:
+    sys.path.insert(0, str(HERE.parent))
+
+from ciphermq import checker  # noqa: E402  (needs the path above)
+
 MESSAGES = [
     "Hello from CipherMQ!",
     "Each message is sealed with a fresh AES key, wrapped with the receiver's RSA key.",
@@ -39,10 +62,38 @@ MESSAGES = [
 #: Generous bounds for each stage, so a broken demo fails instead of hanging.
 START_TIMEOUT = 15.0
 RUN_TIMEOUT = 60.0
+#: Client options under chaos: give up on a reply after 1 s, not 5, so retries come quickly.
+CHAOS_CLIENT_OPTIONS = ["--ack-timeout", "1", "--heartbeat", "1"]
+#: Runs of the sender after the first, from its outbox, if it gave up on some messages.
+SENDER_RERUNS = 3
+#: Stored messages listed at the end, at most.
+SHOWN = 10
 
 
 class Stopped(Exception):
     """The demo is being stopped: start nothing more."""
+
+
+class Console:
+    """The demo's stdout, shared by the threads that relay the children's lines."""
+
+    def __init__(self):
+        #: Guards writing stdout (whole lines, never interleaved) and ``faults``.
+        self._lock = threading.Lock()
+        self.faults = collections.Counter()    # chaos faults the broker reported, by name
+
+    def say(self, text):
+        with self._lock:
+            print(text, flush=True)
+
+    def fault(self, name, what):
+        with self._lock:
+            self.faults[name] += 1
+            print("💥 [BROKER] chaos %s: %s" % (name, what), flush=True)
+
+    def faults_seen(self):
+        with self._lock:
+            return collections.Counter(self.faults)
 
 
 class Children:
@@ -83,31 +134,63 @@ class Children:
                     process.wait()
 
 
-def start_broker(children, workdir):
-    """Start the broker on a free port; return the port it logged."""
-    process = children.start([sys.executable, "-m", "ciphermq.server", "--port", "0"],
-                             stderr=subprocess.PIPE, text=True, cwd=str(workdir))
-    lines = queue.Queue()
+def start_broker(children, workdir, options, console):
+    """Start the broker on a free port; return the port it logged.
 
-    def drain():            # keeps reading the log, so the broker never blocks on the pipe
+    Its log is read to the end, so the broker never blocks on the pipe; each
+    fault it injects in chaos mode is shown and counted on ``console``.
+    """
+    process = children.start([sys.executable, "-m", "ciphermq.server", "--port", "0", *options],
+                             stderr=subprocess.PIPE, text=True, encoding="utf-8",
+                             cwd=str(workdir))
+    ports = queue.Queue()
+
+    def read_log():
         for line in process.stderr:
-            lines.put(line)
-        lines.put(None)
+            match = re.search(r"listening on [\d.]+:(\d+)", line)
+            if match:
+                ports.put(int(match.group(1)))
+            fault = re.search(r"CHAOS (\S+): (.*)", line)
+            if fault:
+                console.fault(fault.group(1), fault.group(2))
+        ports.put(None)
 
-    threading.Thread(target=drain, name="demo-broker-log", daemon=True).start()
-    while True:
-        try:
-            line = lines.get(timeout=START_TIMEOUT)
-        except queue.Empty:
-            raise RuntimeError("the broker did not report its port in time") from None
-        if line is None:
-            raise RuntimeError("the broker exited at start (status %s)" % process.wait())
-        match = re.search(r"listening on [\d.]+:(\d+)", line)
-        if match:
-            return int(match.group(1))
+    threading.Thread(target=read_log, name="demo-broker-log", daemon=True).start()
+    try:
+        port = ports.get(timeout=START_TIMEOUT)
+    except queue.Empty:
+        raise RuntimeError("the broker did not report its port in time") from None
+    if port is None:
+        raise RuntimeError("the broker exited at start (status %s)" % process.wait())
+    return port
 
 
-def run(args, workdir, children):
+def start_script(children, console, argv, log, workdir):
+    """Start a script whose stdout is shown and also saved to ``log``; return
+    ``(process, relay thread)`` -- the log is complete once the thread has ended."""
+    process = children.start(argv, stdout=subprocess.PIPE, text=True, encoding="utf-8",
+                             cwd=str(workdir), env=dict(os.environ, PYTHONIOENCODING="utf-8"))
+
+    def relay():
+        with open(log, "a", encoding="utf-8") as file:
+            for line in process.stdout:
+                file.write(line)
+                file.flush()
+                console.say(line.rstrip("\n"))
+
+    thread = threading.Thread(target=relay, name="demo-relay-" + log.stem, daemon=True)
+    thread.start()
+    return process, thread
+
+
+def finish(process, relay, timeout):
+    """Wait for a script to exit and for its last lines; return its exit status."""
+    code = process.wait(timeout)
+    relay.join(timeout)
+    return code
+
+
+def run(args, workdir, children, console):
     """The demo proper; returns the exit status."""
     private_key = args.keys / "receiver_private.pem"
     public_key = args.keys / "receiver_public.pem"
@@ -116,30 +199,85 @@ def run(args, workdir, children):
             print("❌ [DEMO] %s is missing: run `make keys` first" % key, file=sys.stderr)
             return 1
     output = workdir / "received_messages.json"
-    port = start_broker(children, workdir)
-    print("🟢 [DEMO] Broker listening on 127.0.0.1:%d" % port, flush=True)
-    receiver = children.start(
+    outbox = workdir / "pending_messages.json"
+    broker_options = list(args.broker_arg)
+    client_options = []
+    if args.chaos:
+        broker_options += ["--chaos", args.chaos]
+        if args.chaos_seed is not None:
+            broker_options += ["--chaos-seed", str(args.chaos_seed)]
+        client_options = CHAOS_CLIENT_OPTIONS
+    verbose = ["-v"] if args.verbose else []
+    count = args.count if args.count is not None else len(MESSAGES)
+    timeout = RUN_TIMEOUT + count / 10.0
+    port = start_broker(children, workdir, broker_options, console)
+    console.say("🟢 [DEMO] Broker listening on 127.0.0.1:%d%s"
+                % (port, " in CHAOS MODE (%s)" % args.chaos if args.chaos else ""))
+    receiver = start_script(
+        children, console,
         [sys.executable, str(HERE / "Receiver.py"), "--port", str(port),
          "--private-key", str(private_key), "--output", str(output),
-         "--max-messages", str(len(MESSAGES))], cwd=str(workdir))
-    command = [sys.executable, str(HERE / "Sender.py"), "--port", str(port),
-               "--public-key", str(public_key), "--outbox", str(workdir / "pending_messages.json")]
-    for message in MESSAGES:
-        command += ["--message", message]
-    if children.start(command, cwd=str(workdir)).wait(RUN_TIMEOUT) != 0:
-        raise RuntimeError("the sender failed")
-    if receiver.wait(RUN_TIMEOUT) != 0:
+         "--max-messages", str(count), *client_options, *verbose],
+        workdir / "receiver.log", workdir)
+    sender_logs = []
+
+    def send(messages):
+        """One run of the sender (-v: the checker reads its per-message lines)."""
+        sender_logs.append(workdir / ("sender-%d.log" % (len(sender_logs) + 1)))
+        command = [sys.executable, str(HERE / "Sender.py"), "--port", str(port),
+                   "--public-key", str(public_key), "--outbox", str(outbox), "-v",
+                   *client_options, *messages]
+        return finish(*start_script(children, console, command, sender_logs[-1], workdir),
+                      timeout)
+
+    if args.count is not None:
+        code = send(["--count", str(args.count)])
+    else:
+        code = send([option for message in MESSAGES for option in ("--message", message)])
+    for _ in range(SENDER_RERUNS):
+        if code != 1 or children.stopping:      # (a sender stopped by Ctrl-C also exits 1)
+            break
+        console.say("🔁 [DEMO] The sender gave up on some messages; they wait in its outbox. "
+                    "Running it again, as you would:")
+        code = send(["--file", os.devnull])
+    if code != 0:
+        raise RuntimeError("the sender failed (status %s)" % code)
+    if finish(*receiver, timeout) != 0:
         raise RuntimeError("the receiver failed")
     stored = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
-    print("\n📜 [DEMO] %s holds %d message(s):" % (output.name, len(stored)))
-    for record in stored:
+    print("\n📜 [DEMO] %s holds %d message(s)%s:" % (
+        output.name, len(stored), ", the first %d" % SHOWN if len(stored) > SHOWN else ""))
+    for record in stored[:SHOWN]:
         print("   %s  %s  %s" % (record["timestamp"], record["message_id"], record["message"]))
-    return 0 if sorted(r["message"] for r in stored) == sorted(MESSAGES) else 1
+    if args.chaos:
+        print_recovery(console.faults_seen(), sender_logs, workdir / "receiver.log")
+    tally = checker.check(sender_logs, output, outboxes=[outbox])
+    for line in tally.report():
+        print(line)
+    expected = args.count is not None or sorted(r["message"] for r in stored) == sorted(MESSAGES)
+    return 0 if tally.ok and expected else 1
+
+
+def print_recovery(faults, sender_logs, receiver_log):
+    """What chaos did, and what absorbed it (from the status lines)."""
+    sender = "".join(log.read_text(encoding="utf-8") for log in sender_logs)
+    attempts = len(re.findall(r"\(attempt \d", sender))
+    again = sender.count("(again: the connection was lost)")
+    duplicates = re.findall(r"📊 \[RECEIVER\] \d+ message\(s\) saved, (\d+) duplicate",
+                            receiver_log.read_text(encoding="utf-8"))
+    print("\n💥 [DEMO] The broker injected: %s" % (
+        ", ".join("%d %s" % (n, name) for name, n in sorted(faults.items())) or "nothing"))
+    print("🔁 [DEMO] The sender reconnected %d time(s) and re-sent %d publish(es): %d as a "
+          "new attempt, %d because a lost connection caught them in flight.  The broker "
+          "re-ACKed every re-sent message it already had, storing none twice, and the receiver "
+          "acked %s duplicate delivery(ies) without writing them again."
+          % (sender.count("🔌 [SENDER]"), attempts + again, attempts, again,
+             duplicates[-1] if duplicates else "0"))
 
 
 def run_in_thread(args, workdir, children, outcome):
     try:
-        outcome.append(run(args, workdir, children))
+        outcome.append(run(args, workdir, children, Console()))
     except Stopped:
         pass
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
@@ -154,7 +292,20 @@ def main(argv=None):
                         help="directory holding receiver_private.pem and receiver_public.pem")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary directory with the output files")
+    parser.add_argument("--count", type=int, metavar="N",
+                        help="send N generated messages instead of the demo's five")
+    parser.add_argument("--chaos", metavar="SPEC",
+                        help="start the broker in chaos mode, e.g. drop-ack=0.05,drop-confirm=0.05,"
+                             "drop-delivery=0.02,disconnect=0.01,delay-ms=0-20")
+    parser.add_argument("--chaos-seed", type=int, metavar="N", help="seed for --chaos")
+    parser.add_argument("--broker-arg", action="append", default=[], metavar="ARG",
+                        help="one more broker option, e.g. --broker-arg=--redelivery-interval=2 "
+                             "(repeatable)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="every status line of the receiver, for every message")
     args = parser.parse_args(argv)
+    if args.count is not None and args.count < 1:
+        parser.error("--count must be at least 1")
     signal.signal(signal.SIGTERM, signal.default_int_handler)   # SIGTERM cleans up like Ctrl-C
     workdir = Path(tempfile.mkdtemp(prefix="ciphermq-demo-"))
     children, outcome = Children(), []

@@ -18,7 +18,9 @@ Threads: ``proxy-accept``, and two pumps per connection (``proxy-up-<n>``
 client -> broker, ``proxy-down-<n>`` broker -> client).  Each pump owns
 reading one socket; writes go through the transport's ``send_lock``.  Lines
 are forwarded whole (each pump frames by newline), so a rule can act on one:
-the ``*_after`` rules make a fault land mid-stream deterministically.
+the ``*_after`` rules make a fault land mid-stream deterministically.  Rules
+for the same lines act in the order they were added, each counting from the
+moment the one before it acted.
 Nothing sleeps: every thread blocks on a socket, and close() shuts the
 sockets down and joins them all.  (``latency`` is an injected fault, not
 synchronisation: a pump holds each chunk on an Event that close() sets.)

@@ -81,11 +81,16 @@ def receiver_args(port, keys, output, *args):
 
 
 class ScriptProcess:
-    """A script in a subprocess; a thread reads its stdout into ``lines`` and a queue."""
+    """A script in a subprocess; a thread reads its stdout into ``lines`` and a queue.
 
-    def __init__(self, argv, env=None, cwd=None):
+    With ``log``, stdout is also appended to that file exactly as written (a
+    torn last line stays torn), complete once :meth:`wait` has returned.
+    """
+
+    def __init__(self, argv, env=None, cwd=None, log=None):
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, env=env or script_env(), cwd=cwd)
+        self._log = open(log, "a", encoding="utf-8") if log is not None else None
         self.lines = []
         self._fresh = queue.Queue()
         self._stderr = []
@@ -96,8 +101,12 @@ class ScriptProcess:
 
     def _read(self):
         for line in self.proc.stdout:
+            if self._log is not None:
+                self._log.write(line)
             self.lines.append(line.rstrip("\n"))
             self._fresh.put(line.rstrip("\n"))
+        if self._log is not None:
+            self._log.close()
         self._fresh.put(None)
 
     def _read_stderr(self):
@@ -131,6 +140,17 @@ class ScriptProcess:
                                      % (self.proc.wait(), text, self.stdout, self.stderr))
             if text in line:
                 return line
+
+    def discard_unread(self):
+        """Skip the lines read but not yet waited for: the next wait_for sees newer ones only."""
+        while True:
+            try:
+                line = self._fresh.get_nowait()
+            except queue.Empty:
+                return
+            if line is None:                # the end of the output stays visible
+                self._fresh.put(None)
+                return
 
     def wait(self, timeout=PATIENCE):
         """Wait for the exit; return the status, after the output has been read."""
