@@ -126,9 +126,15 @@ def table(rows):
                      % (row.number, row.title, _n(c["attempted"]), _n(c["acked"]),
                         _n(c["stored"]), _n(c["rejected"]), _n(c["lost"]),
                         _n(c["duplicated"]), _n(c["never_acked"]), _faults(row.result),
-                        "; ".join(row.result.notes) or "—",
+                        "; ".join(_notes(row.result)) or "—",
                         row.result.seconds, row.verdict()))
     return "\n".join(lines)
+
+
+def _notes(result):
+    compacted = ["journal compacted %d× during the run" % result.compactions] \
+        if result.compactions else []
+    return list(result.notes) + compacted
 
 
 def _n(value):

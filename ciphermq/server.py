@@ -232,6 +232,8 @@ def build_parser():
     add("--tls-key", default=None, metavar="PEM", help="the private key of --tls-cert")
     add("--tls-client-ca", default=None, metavar="PEM",
         help="require client certificates signed by this CA (mutual TLS)")
+    add("--compact-min-bytes", type=int, default=defaults.compact_min_bytes, metavar="BYTES",
+        help="with --data-dir: never compact a journal smaller than this (default %(default)s)")
     add("--chaos", default=None, metavar="SPEC",
         help="inject faults for teaching, e.g. drop-ack=0.05,drop-confirm=0.05,"
              "drop-delivery=0.02,disconnect=0.01,delay-ms=0-20 (default: off)")

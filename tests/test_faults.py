@@ -104,12 +104,14 @@ class FaultRun:
         self.receiver_logs = []
         self.faults = collections.Counter()
         self.notes = []
+        self.brokers = []           # every broker process started, for its log
 
     # -- starting things ------------------------------------------------------------
 
     def start_broker(self, *args, port=0):
         broker = BrokerProcess(*args, port=port)
         self.stack.callback(broker.close)
+        self.brokers.append(broker)
         return broker
 
     def start_proxy(self, upstream, latency=0.0):
@@ -204,6 +206,7 @@ class Result(NamedTuple):
     notes: list
     seconds: float
     seed: int
+    compactions: int = 0            # "Journal compacted" lines in the brokers' logs
 
     def verdict(self):
         return "\n".join(["seed %d, faults %s, %s" % (self.seed, dict(self.faults), self.notes)]
@@ -219,7 +222,10 @@ def play(scenario, workdir, key_pair, scale, seed=None, **options):
     with contextlib.ExitStack() as stack:
         run = FaultRun(workdir, key_pair, stack, scale, seed)
         scenario(run, scale, **options)
-    return Result(run.check(), run.faults, run.notes, time.monotonic() - started, seed)
+    compactions = sum("Journal compacted" in line for broker in run.brokers
+                      for line in broker.lines)
+    return Result(run.check(), run.faults, run.notes, time.monotonic() - started, seed,
+                  compactions)
 
 
 def _budget(left, kills_left):
@@ -297,8 +303,10 @@ def broker_kills(run, scale, durable=True):
     """The broker is SIGKILLed after every n-th message the Receiver stores -- so while
     the Sender publishes and while the Receiver drains the backlog -- and restarted on
     the same port (and, when durable, the same --data-dir); the Sender and Receiver
-    processes keep running and reconnect on their own."""
-    data = ("--data-dir", str(run.workdir / "data")) if durable else ()
+    processes keep running and reconnect on their own.  A small compaction threshold makes
+    the journal rewrite itself again and again, so kills also land mid-compaction."""
+    data = (("--data-dir", str(run.workdir / "data"), "--compact-min-bytes", "65536")
+            if durable else ())
     broker = run.start_broker(*data)
     port = broker.port
     # Memory-only, the receiver cannot wait for all the messages: some are gone for good.
@@ -481,6 +489,7 @@ def test_broker_sigkilled_with_a_journal_loses_no_acked_message(scale, keys, tmp
     assert not result.notes, "the clients needed help: %s" % result.verdict()
     assert result.faults == {"broker SIGKILLs": scale.broker_kills}, result.verdict()
     assert len(result.tally.acked) == scale.messages
+    assert result.compactions > 0, "the journal was never compacted during the run"
 
 
 @pytest.mark.parametrize("scale", SCALES)
