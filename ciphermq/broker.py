@@ -112,8 +112,8 @@ class Session:
 class Broker:
     """All queue state, and the rules that keep every message until it is acked.
 
-    Thread-safe: every public method takes ``mutex`` itself and none blocks
-    except :meth:`wait_outbox`.  Methods never log while holding the lock;
+    Thread-safe: every public method takes ``mutex`` itself, and only
+    :meth:`wait_outbox` blocks.  Methods never log while holding the lock;
     events worth a log line are collected and logged after release.
     """
 

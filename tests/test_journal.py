@@ -83,6 +83,15 @@ def test_fold_replays_publish_ack_and_dead_letter():
 
 # -- ACK means durable --------------------------------------------------------
 
+def connected_then_disk_replaced(durable_server, monkeypatch, fdatasync):
+    """A durable broker and a connected client; from then on the journal uses ``fdatasync``."""
+    server = durable_server()
+    client = Wire(server.address)
+    client.call("ping")             # connected and answered before the disk changes
+    monkeypatch.setattr(journal_module.os, "fdatasync", fdatasync)
+    return server, client
+
+
 def test_ack_is_sent_only_after_the_record_is_fsynced(durable_server, monkeypatch):
     """Until fsync returns, the publisher hears nothing; then it hears ACK."""
     real_fdatasync = os.fdatasync
@@ -92,11 +101,8 @@ def test_ack_is_sent_only_after_the_record_is_fsynced(durable_server, monkeypatc
         gate.wait(WAIT)
         real_fdatasync(fd)
 
-    server = durable_server()
-    client = Wire(server.address)
+    _, client = connected_then_disk_replaced(durable_server, monkeypatch, slow_fdatasync)
     try:
-        client.call("ping")
-        monkeypatch.setattr(journal_module.os, "fdatasync", slow_fdatasync)
         client.send(publish_line("d-1"))
         client.expect_nothing(0.3)
         gate.set()
@@ -131,11 +137,8 @@ def test_journal_failure_acks_nothing_and_stops_the_broker(durable_server, monke
     def broken_fdatasync(fd):
         raise OSError(5, "Input/output error")
 
-    server = durable_server()
-    client = Wire(server.address)
+    server, client = connected_then_disk_replaced(durable_server, monkeypatch, broken_fdatasync)
     try:
-        client.call("ping")
-        monkeypatch.setattr(journal_module.os, "fdatasync", broken_fdatasync)
         client.send(publish_line("lost-1"))
         assert client.closed_by_peer(), "connection closed instead of an ACK"
         assert server.stop_requested.wait(WAIT)
