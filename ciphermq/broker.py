@@ -40,14 +40,13 @@ DEAD_SUFFIX = ".dead"
 class Message:
     """One copy of a message in one queue."""
 
-    __slots__ = ("id", "body", "queue", "deliveries", "holder", "consumer", "deadline")
+    __slots__ = ("id", "body", "queue", "deliveries", "consumer", "deadline")
 
     def __init__(self, message_id, body, queue):
         self.id = message_id
         self.body = body            # the envelope JSON as bytes, shared by all copies
         self.queue = queue
         self.deliveries = 0         # times handed to a consumer or fetched
-        self.holder = None          # the Session it is in flight to, or None if ready
         self.consumer = None        # the Consumer that got it (None for fetch)
         self.deadline = 0.0         # when an unacked delivery is taken back
 
@@ -554,7 +553,6 @@ class Broker:
 
     def _hand_over(self, message, session, consumer):
         message.deliveries += 1
-        message.holder = session
         message.consumer = consumer
         message.deadline = self.clock() + self.redelivery_interval
         session.unacked[message.id] = message
@@ -579,11 +577,11 @@ class Broker:
         return woken
 
     def _release(self, message):
-        """Detach an in-flight message from its holder (already removed from unacked)."""
+        """Detach an in-flight message from its consumer (already removed from unacked)."""
         message.queue.unacked -= 1
         if message.consumer is not None:
             message.consumer.in_flight -= 1
-        message.holder = message.consumer = None
+        message.consumer = None
 
     def _requeue(self, messages, events, reason):
         """Return in-flight messages to the front of their queues, oldest first.
