@@ -93,8 +93,8 @@ def test_lost_pushes_are_redelivered(start_server):
         receiver.close()
 
 
-def test_disconnect_requeues_what_the_connection_held(start_server, caplog):
-    """A connection dropped by chaos gives its unacked messages back."""
+def test_disconnect_drops_the_connection_and_says_so(start_server, caplog):
+    """Chaos 'disconnect' really closes the client's connection, and logs the fault as CHAOS."""
     caplog.set_level(logging.INFO)
     server = start_server(chaos="disconnect=1.0")
     client = Wire(server.address)
