@@ -1,25 +1,23 @@
-"""The wire protocol: line framing, command parsing, envelope validation, replies.
+"""The line protocol: framing, command parsing, reply formatting, limits.
 
 Pure functions and one small stateful framer -- no sockets, no threads -- so
-every rule of the protocol can be read (and tested) in one place.
+every rule of the protocol can be read (and tested) in one place.  What a
+``publish`` carries -- the envelope -- is checked by :mod:`ciphermq.envelope`.
 
 The protocol is UTF-8 text, one command per line.  A line ends in ``\\n``
 (``\\r\\n`` is accepted).  Framing is by newline only: one ``recv`` may hold
 many commands, and one command may arrive in many ``recv`` calls.
 """
-import collections
 import json
-import math
 import re
 
+from .envelope import NAME_PATTERN, parse_envelope
 from .errors import ProtocolError
 
 #: Default limit on one command line (bytes, terminator excluded).
 DEFAULT_MAX_LINE_BYTES = 4 * 1024 * 1024
 
-#: Queue, exchange and message-id names: echoed into replies and log lines,
-#: so nothing but these characters may pass.
-NAME_PATTERN = rb"[A-Za-z0-9._:-]{1,128}"
+#: Queue, exchange and message-id names share one spelling (see ciphermq/envelope.py).
 _NAME = re.compile(NAME_PATTERN)
 #: Routing keys as published: dot-separated words.
 _ROUTING_KEY = re.compile(rb"[A-Za-z0-9._:-]{1,255}")
@@ -27,11 +25,6 @@ _ROUTING_KEY = re.compile(rb"[A-Za-z0-9._:-]{1,255}")
 _BINDING_KEY = re.compile(rb"[A-Za-z0-9._:*#-]{1,255}")
 
 EXCHANGE_TYPES = ("direct", "fanout", "topic")
-#: The fields every envelope must carry, all strings (see docs/PROTOCOL.md).
-ENVELOPE_FIELDS = ("message_id", "enc_session_key", "nonce", "tag", "ciphertext")
-#: Added by the broker to every pushed copy; never accepted from a publisher.
-_REQUIRED = frozenset(ENVELOPE_FIELDS)
-DELIVERY_COUNT = "delivery_count"
 MAX_PREFETCH = 65535
 
 
@@ -49,48 +42,50 @@ class LineFramer:
     terminator).  A line longer than the limit is replaced by one
     :class:`LineTooLong` marker as soon as the limit is crossed, and the rest
     of it is discarded up to its newline -- so memory stays bounded and the
-    connection stays usable.  Not thread-safe: one framer per connection,
-    used by that connection's reader only.
+    connection stays usable.  An unfinished line is kept in one growing
+    ``bytearray``, so it costs about its own size however finely it was
+    segmented.  Not thread-safe: one framer per connection, used by that
+    connection's reader only.
     """
 
     def __init__(self, max_line_bytes=DEFAULT_MAX_LINE_BYTES):
         self.max_line_bytes = max_line_bytes
-        self._parts = []        # pieces of the unfinished line
-        self._size = 0          # total bytes in _parts
+        self._partial = bytearray()     # the unfinished line so far
         self._discarding = False
 
     @property
     def buffered(self):
         """Bytes of an unfinished line held in memory."""
-        return self._size
+        return len(self._partial)
 
     @property
     def in_line(self):
         """True from a line's first byte to its newline, also while discarding an over-long one."""
-        return self._discarding or self._size > 0
+        return self._discarding or len(self._partial) > 0
 
     def feed(self, data):
         """Add received bytes; return the lines they complete, in order."""
-        if (data.endswith(b"\n") and not self._parts and not self._discarding
+        if (data.endswith(b"\n") and not self._partial and not self._discarding
                 and len(data) <= self.max_line_bytes and b"\r" not in data):
             # The common case -- whole lines, nothing pending -- without a call per line.
             lines = data.split(b"\n")
             lines.pop()
             return lines
-        pieces = data.split(b"\n")
-        if len(pieces) == 1:                    # no newline: the line goes on
+        end = data.find(b"\n")
+        if end < 0:                             # no newline: the line goes on
             self._add_partial(data)
             return self._take_overflow()
-        first = pieces[0]
+        pieces = data.split(b"\n")
         lines = []
         if self._discarding:                    # the over-long line ends here
             self._discarding = False
         else:
-            if self._parts:
-                self._parts.append(first)
-                first = b"".join(self._parts)
+            first = pieces[0]
+            if self._partial:
+                self._partial += first
+                first = bytes(self._partial)
             lines.append(self._checked(first))
-        self._parts, self._size = [], 0
+        self._partial = bytearray()
         for line in pieces[1:-1]:
             lines.append(self._checked(line))
         self._add_partial(pieces[-1])
@@ -106,13 +101,12 @@ class LineFramer:
 
     def _add_partial(self, data):
         if data and not self._discarding:
-            self._parts.append(data)
-            self._size += len(data)
+            self._partial += data
 
     def _take_overflow(self):
         # An unfinished line already over the limit (+1 for a possible "\r").
-        if self._size > self.max_line_bytes + 1:
-            self._parts, self._size = [], 0
+        if len(self._partial) > self.max_line_bytes + 1:
+            self._partial = bytearray()
             self._discarding = True
             return [LineTooLong(self.max_line_bytes)]
         return []
@@ -181,7 +175,7 @@ def parse_publish(args, limits=None):
     ``body`` is the envelope's JSON object as bytes, exactly as received
     (unless it carried a ``delivery_count``, which only the broker may set),
     so delivery never re-serialises the publisher's JSON.  ``limits`` bounds
-    the envelope's extra fields (default :data:`DEFAULT_ENVELOPE_LIMITS`).
+    the envelope's extra fields (see :func:`ciphermq.envelope.parse_envelope`).
     """
     parts = args.split(None, 2)
     if len(parts) < 3:
@@ -190,138 +184,6 @@ def parse_publish(args, limits=None):
     routing_key = parse_routing_key(parts[1])
     message_id, body = parse_envelope(parts[2].rstrip(), limits)
     return exchange, routing_key, message_id, body
-
-
-def _unique_keys(pairs):
-    """JSON object hook: a key given twice is refused (parsers disagree on which wins)."""
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise ValueError("duplicate key in JSON object")
-    return obj
-
-
-def _no_constants(name):
-    raise ValueError("%s is not valid JSON" % name)
-
-
-#: Longest JSON integer accepted (CPython's own default, enforced here on every version).
-MAX_INT_DIGITS = 4300
-
-
-def _bounded_int(text):
-    if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise ValueError("integer longer than %d digits" % MAX_INT_DIGITS)
-    return int(text)
-
-
-def _finite_float(text):
-    value = float(text)
-    if math.isinf(value):           # 1e999 is Infinity by another name
-        raise ValueError("number out of range: %s" % text[:40])
-    return value
-
-
-_ENVELOPE_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_no_constants,
-                                     parse_int=_bounded_int, parse_float=_finite_float)
-#: Everything base64 text may hold ("=" only as padding, checked separately).
-_BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
-
-
-class EnvelopeLimits(collections.namedtuple("EnvelopeLimits", "max_extra_fields max_json_depth")):
-    """Extra envelope fields are forwarded untouched, within these bounds."""
-
-
-DEFAULT_ENVELOPE_LIMITS = EnvelopeLimits(max_extra_fields=32, max_json_depth=8)
-
-
-def parse_envelope(raw, limits=None):
-    """Validate an envelope's JSON text; return ``(message_id, body_bytes)``.
-
-    Refused: anything but one JSON object; duplicate keys; NaN/Infinity;
-    missing or non-string required fields; crypto fields that are not
-    base64 text; extra fields nested deeper than ``limits.max_json_depth``,
-    more than ``limits.max_extra_fields`` of them, or holding lone surrogates.
-    """
-    if not (raw.startswith(b"{") and raw.endswith(b"}")):
-        raise ProtocolError("envelope must be a JSON object")
-    try:
-        envelope = _ENVELOPE_DECODER.decode(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ProtocolError("invalid UTF-8 in envelope") from None
-    except RecursionError:
-        raise ProtocolError("invalid JSON: nested too deeply") from None
-    except json.JSONDecodeError as exc:
-        reason = exc.msg[:-3] if exc.msg.endswith(" at") else exc.msg   # "... starting at"
-        raise ProtocolError("invalid JSON: %s at position %d" % (reason, exc.pos)) from None
-    except ValueError as exc:           # from the hooks
-        raise ProtocolError("invalid JSON: %s" % exc) from None
-    if not isinstance(envelope, dict):
-        raise ProtocolError("envelope must be a JSON object")
-    values = [envelope.get(field) for field in ENVELOPE_FIELDS]
-    if not all(type(value) is str for value in values):
-        _refuse_required_fields(values)
-    message_id = values[0]
-    if not _NAME.fullmatch(message_id.encode("utf-8", "replace")):
-        raise ProtocolError("invalid message_id (1-128 of A-Z a-z 0-9 . _ : -)")
-    crypto_text = values[1:]
-    # One pass over all four fields for the alphabet, then padding only at their ends.
-    if "".join(crypto_text).encode("utf-8", "replace").translate(None, _BASE64_ALPHABET):
-        _refuse_base64(crypto_text)
-    for text in crypto_text:
-        if "=" in text.rstrip("=") or text.endswith("==="):
-            _refuse_base64(crypto_text)
-    if len(envelope) > len(ENVELOPE_FIELDS):
-        _check_extra_fields(envelope, limits or DEFAULT_ENVELOPE_LIMITS)
-    if DELIVERY_COUNT in envelope:
-        del envelope[DELIVERY_COUNT]
-        raw = json.dumps(envelope, separators=(", ", ": ")).encode("utf-8")
-    return message_id, raw
-
-
-def _refuse_required_fields(values):
-    for field, value in zip(ENVELOPE_FIELDS, values):
-        if value is None:
-            raise ProtocolError("missing field '%s'" % field)
-        if not isinstance(value, str):
-            raise ProtocolError("field '%s' must be a string" % field)
-
-
-def _refuse_base64(crypto_text):
-    """Name the field that failed the fast check (the slow, obvious way)."""
-    for field, text in zip(ENVELOPE_FIELDS[1:], crypto_text):
-        if not re.fullmatch(r"[A-Za-z0-9+/]*={0,2}", text):
-            raise ProtocolError("field '%s' must be base64 text" % field)
-    raise ProtocolError("crypto fields must be base64 text")
-
-
-def _check_extra_fields(envelope, limits):
-    if len(envelope) - len(ENVELOPE_FIELDS) > limits.max_extra_fields:
-        raise ProtocolError("too many fields (at most %d extra)" % limits.max_extra_fields)
-    _check_text("".join(envelope))         # every key at once
-    for key, value in envelope.items():
-        if key not in _REQUIRED:
-            _check_value(value, 1, limits.max_json_depth)
-
-
-def _check_value(value, depth, max_depth):
-    if isinstance(value, str):
-        _check_text(value)
-    elif isinstance(value, (dict, list)):
-        if depth >= max_depth:
-            raise ProtocolError("JSON nested deeper than %d levels" % max_depth)
-        for key in value if isinstance(value, dict) else ():
-            _check_text(key)
-        for item in value.values() if isinstance(value, dict) else value:
-            _check_value(item, depth + 1, max_depth)
-
-
-def _check_text(text):
-    if text.isascii():
-        return                      # no surrogate can hide in ASCII
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ProtocolError("invalid string in envelope (lone surrogate)") from None
 
 
 def quote(raw, limit=40):

@@ -31,7 +31,7 @@ from .chaos import Chaos, ChaosSpecError
 from .config import ServerConfig
 from .connection import Connection
 from .journal import Journal, JournalError
-from .protocol import EnvelopeLimits
+from .envelope import EnvelopeLimits
 from .redelivery import RedeliveryTimer
 from .transport import server_tls_context
 

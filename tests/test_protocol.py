@@ -1,9 +1,10 @@
 """The wire protocol's pure parts: framing, parsing, replies."""
 import json
+import tracemalloc
 
 import pytest
 
-from ciphermq import protocol
+from ciphermq import envelope, protocol
 from ciphermq.errors import ProtocolError
 
 
@@ -59,6 +60,24 @@ def test_memory_stays_bounded_while_discarding():
     for _ in range(1000):
         framer.feed(b"z" * 999)
         assert framer.buffered <= 1001
+
+
+def test_unfinished_line_costs_about_its_own_size_whatever_the_segmenting():
+    """Memory per byte: a 200,000-byte unfinished line fed 1 byte at a time costs under 2 bytes a byte."""
+    size = 200_000
+    framer = protocol.LineFramer(max_line_bytes=1_000_000)
+    pieces = [b"x"] * size          # the same one-byte object: the pieces themselves cost nothing
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for piece in pieces:
+            framer.feed(piece)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert framer.buffered == size
+    assert held < 2 * size, "%d bytes held for a %d-byte unfinished line" % (held, size)
+    assert framer.feed(b"\n") == [b"x" * size]
 
 
 def test_publish_keeps_raw_json_bytes():
@@ -145,7 +164,7 @@ def test_base64_check_agrees_with_the_plain_rule(text, ok):
            "ciphertext": "QUJD"}
     raw = json.dumps(env).encode()
     if ok:
-        assert protocol.parse_envelope(raw)[0] == "m"
+        assert envelope.parse_envelope(raw)[0] == "m"
     else:
         with pytest.raises(ProtocolError, match="field 'tag' must be base64 text"):
-            protocol.parse_envelope(raw)
+            envelope.parse_envelope(raw)
