@@ -59,7 +59,7 @@ class Queue:
     def __init__(self, name):
         self.name = name
         self.ready = collections.deque()
-        self.unacked = 0
+        self.unacked = 0            # copies delivered and not yet acked (in some Session.held)
         self.consumers = []
         self.next_consumer = 0      # round-robin position
 
@@ -89,22 +89,28 @@ class Consumer:
 class Session:
     """The broker's view of one client connection.
 
-    ``outbox`` holds deliveries decided under the broker mutex but not yet
-    written.  They are written after the lock is released, either at once by
-    the thread that caused them (see :meth:`Broker.publish_many`) or by the
-    connection's delivery thread, which waits on ``has_outbox``: a Condition
-    on the broker mutex, notified when the outbox stops being empty, when
-    :meth:`Broker.wake` asks for attention, or when the session closes.
+    ``pushes`` holds deliveries decided under the broker mutex but not yet
+    written.  They are written after the lock is released, in one of two ways:
+
+    * at once, by the thread that caused them, through ``write_pushes`` -- the
+      callback the connection gave :meth:`Broker.open_session` (see
+      :meth:`Broker.publish_many`);
+    * by the connection's delivery thread, which waits on ``has_pushes``: a
+      Condition on the broker mutex, notified when ``pushes`` stops being
+      empty, when :meth:`Broker.call_writer` asks for the thread, or when the
+      session closes.
     """
 
-    def __init__(self, name, mutex, owner=None):
+    def __init__(self, name, mutex, write_pushes=None):
         self.name = name
-        self.owner = owner          # the server's Connection; the broker never uses it
-        self.unacked = {}           # message id -> Message, in delivery order
+        #: The connection's callback: write ``pushes`` now, never blocking.
+        #: Called without any broker lock, by whoever made pushes.
+        self.write_pushes = write_pushes
+        self.held = {}              # message id -> Message delivered and not acked, in order
         self.consumers = {}         # queue name -> Consumer
-        self.outbox = []            # (message_id, body, delivery_count) to push
-        self.has_outbox = threading.Condition(mutex)
-        self.woken = False          # wake() was called: the delivery thread must look
+        self.pushes = []            # (message_id, body, delivery_count) to write
+        self.has_pushes = threading.Condition(mutex)
+        self.writer_called = False  # call_writer(): the delivery thread must look
         self.closed = False
 
 
@@ -112,7 +118,10 @@ class Broker:
     """All queue state, and the rules that keep every message until it is acked.
 
     Thread-safe: every public method takes ``mutex`` itself, and only
-    :meth:`wait_outbox` blocks.  Methods never log while holding the lock;
+    :meth:`wait_pushes` blocks.  The methods named in the design document
+    (``declare_queue``, ``declare_exchange``, ``bind_queue``, ``publish``,
+    ``register_consumer``, ``consume``, ``acknowledge``,
+    ``retry_unacknowledged``) do its jobs; docs/ARCHITECTURE.md maps each.  Methods never log while holding the lock;
     events worth a log line are collected and logged after release.
     """
 
@@ -136,7 +145,7 @@ class Broker:
         self.journal = journal
         #: The one broker lock.  Guards every attribute below, every Queue,
         #: Exchange, Consumer and Session.  Conditions sharing it: each
-        #: Session.has_outbox.  Lock order: a connection's send_lock may be
+        #: Session.has_pushes.  Lock order: a connection's send_lock may be
         #: held while taking this mutex, never the other way round.
         self.mutex = threading.Lock()
         self._queues = {}
@@ -146,7 +155,7 @@ class Broker:
         self._acked_at = {}         # message id -> clock() of its first ack
         self._acked_order = collections.deque()   # ids in _acked_at, oldest first
         self._live_bytes = 0        # envelope bytes of live messages (compaction rule)
-        self._woken = []            # sessions whose outbox stopped being empty (see _hand_over)
+        self._new_pushes = []       # sessions whose pushes stopped being empty in this call
         self.totals = dict.fromkeys(
             ("published", "duplicates", "delivered", "redelivered", "acked", "dead_lettered"), 0)
 
@@ -172,7 +181,7 @@ class Broker:
                 raise BrokerError("exchange '%s' already exists with type %s"
                                   % (name, exchange.kind))
 
-    def bind(self, exchange_name, queue_name, binding_key):
+    def bind_queue(self, exchange_name, queue_name, binding_key):
         """Bind a queue to an exchange; both must exist."""
         with self.mutex:
             exchange = self._exchange(exchange_name)
@@ -188,7 +197,7 @@ class Broker:
         """What the original server did at start, so the document's clients just work."""
         self.declare_exchange(DEFAULT_EXCHANGE, "direct")
         self.declare_queue(DEFAULT_QUEUE)
-        self.bind(DEFAULT_EXCHANGE, DEFAULT_QUEUE, DEFAULT_KEY)
+        self.bind_queue(DEFAULT_EXCHANGE, DEFAULT_QUEUE, DEFAULT_KEY)
 
     # -- publishing ---------------------------------------------------------
 
@@ -205,21 +214,21 @@ class Broker:
             try:
                 return self._publish(exchange_name, routing_key, message_id, body)
             finally:
-                self._notify_woken()
+                self._notify_writers()
 
     def publish_many(self, publishes):
         """Publish ``(exchange, routing_key, message_id, body)`` tuples under one lock hold.
 
-        Returns ``(results, woken)``.  ``results`` has one entry per publish,
-        in order: True (stored), False (duplicate) or the BrokerError that
-        refused it.  A connection uses this for the publishes of one read, so
-        N of them cost one lock round trip instead of N.
+        Returns ``(results, writers)``.  ``results`` has one entry per
+        publish, in order: True (stored), False (duplicate) or the BrokerError
+        that refused it.  A connection uses this for the publishes of one
+        read, so N of them cost one lock round trip instead of N.
 
-        ``woken`` lists the sessions that now have pushes waiting and whose
-        delivery threads were *not* notified: the caller must, for each,
-        either write the pushes itself (take_outbox) or call :meth:`wake`.
-        Writing them from the thread that is already running saves waking
-        another thread per message.
+        ``writers`` are the ``write_pushes`` callbacks of the sessions that
+        now have pushes waiting, whose delivery threads were *not* notified:
+        the caller must call each (without any broker lock), when it is
+        ready.  Writing pushes from the thread that is already running saves
+        waking another thread per message.
         """
         results = []
         with self.mutex:
@@ -228,7 +237,7 @@ class Broker:
                     results.append(self._publish(*publish))
                 except BrokerError as exc:
                     results.append(exc)
-            return results, self._take_woken()
+            return results, self._take_writers()
 
     def _publish(self, exchange_name, routing_key, message_id, body):
         """publish() with the mutex held."""
@@ -256,14 +265,19 @@ class Broker:
 
     # -- consuming ----------------------------------------------------------
 
-    def open_session(self, name, owner=None):
+    def open_session(self, name, write_pushes=None):
+        """A new Session for a connection; ``write_pushes`` is its callback (see Session)."""
         with self.mutex:
-            session = Session(name, self.mutex, owner)
+            session = Session(name, self.mutex, write_pushes)
             self._sessions.add(session)
             return session
 
-    def subscribe(self, session, queue_name, prefetch):
-        """Make ``session`` a consumer of a queue (again: update its prefetch)."""
+    def register_consumer(self, session, queue_name, prefetch):
+        """Make ``session`` a push consumer of a queue (again: update its prefetch).
+
+        Ready messages are handed over at once, up to the prefetch; the
+        delivery thread is notified to write them.
+        """
         with self.mutex:
             queue = self._queue(queue_name)
             consumer = session.consumers.get(queue_name)
@@ -273,10 +287,13 @@ class Broker:
                 queue.consumers.append(consumer)
             consumer.prefetch = prefetch
             self._dispatch(queue)
-            self._notify_woken()
+            self._notify_writers()
 
-    def fetch(self, session, queue_name):
-        """Pull one ready message: ``(id, body, delivery_count)`` or None.
+    def consume(self, session, queue_name):
+        """Pull mode: take one ready message, ``(id, body, delivery_count)``, or None.
+
+        (The wire command is ``fetch``; the wire's ``consume`` is
+        :meth:`register_consumer`.)
 
         The message is in flight to ``session`` exactly as if it had been
         pushed: it must be acked, and comes back if it is not.
@@ -284,24 +301,24 @@ class Broker:
         with self.mutex:
             queue = self._queue(queue_name)
             for position, message in enumerate(queue.ready):
-                if message.id not in session.unacked:
+                if message.id not in session.held:
                     del queue.ready[position]
                     self._hand_over(message, session, None)
                     return message.id, message.body, message.deliveries
             return None
 
-    def wait_outbox(self, session, timeout=None):
-        """Block until ``session`` has pushes waiting or was woken; False once it is closed.
+    def wait_pushes(self, session, timeout=None):
+        """Block until ``session`` has pushes waiting or its writer was called; False once closed.
 
         Also returns (True) when ``timeout`` seconds pass, so callers re-check.
         """
         with self.mutex:
-            session.has_outbox.wait_for(
-                lambda: session.outbox or session.woken or session.closed, timeout)
-            session.woken = False
+            session.has_pushes.wait_for(
+                lambda: session.pushes or session.writer_called or session.closed, timeout)
+            session.writer_called = False
             return not session.closed
 
-    def take_outbox(self, session):
+    def take_pushes(self, session):
         """Take every waiting push: a list of ``(message_id, body, delivery_count)``.
 
         Does not block; None once the session is closed.
@@ -309,16 +326,16 @@ class Broker:
         with self.mutex:
             if session.closed:
                 return None
-            batch, session.outbox = session.outbox, []
+            batch, session.pushes = session.pushes, []
             return batch
 
-    def wake(self, session):
-        """Make the session's delivery thread look at its outbox (and its connection)."""
+    def call_writer(self, session):
+        """Make the session's delivery thread look at its pushes (and its connection's backlog)."""
         with self.mutex:
-            session.woken = True
-            session.has_outbox.notify()
+            session.writer_called = True
+            session.has_pushes.notify()
 
-    def ack(self, session, message_id):
+    def acknowledge(self, session, message_id):
         """Acknowledge a message delivered to ``session``; it is then gone for good.
 
         Returns True for a first ack, False for a repeated ack of a message
@@ -327,28 +344,28 @@ class Broker:
         """
         with self.mutex:
             try:
-                return self._ack(session, message_id)
+                return self._acknowledge(session, message_id)
             finally:
-                self._notify_woken()
+                self._notify_writers()
 
-    def ack_many(self, session, message_ids):
+    def acknowledge_many(self, session, message_ids):
         """Acknowledge several messages under one lock hold.
 
-        Returns ``(results, woken)`` as :meth:`publish_many` does; each result
-        is True, False or the BrokerError, as ack() would give.
+        Returns ``(results, writers)`` as :meth:`publish_many` does; each
+        result is True, False or the BrokerError, as acknowledge() would give.
         """
         results = []
         with self.mutex:
             for message_id in message_ids:
                 try:
-                    results.append(self._ack(session, message_id))
+                    results.append(self._acknowledge(session, message_id))
                 except BrokerError as exc:
                     results.append(exc)
-            return results, self._take_woken()
+            return results, self._take_writers()
 
-    def _ack(self, session, message_id):
-        """ack() with the mutex held."""
-        message = session.unacked.pop(message_id, None)
+    def _acknowledge(self, session, message_id):
+        """acknowledge() with the mutex held."""
+        message = session.held.pop(message_id, None)
         if message is None:
             if message_id in self._acked_at:
                 return False
@@ -364,13 +381,13 @@ class Broker:
     def nack(self, session, message_id):
         """Give a message back now, for redelivery (or the dead-letter queue)."""
         with self.mutex:
-            message = session.unacked.pop(message_id, None)
+            message = session.held.pop(message_id, None)
             if message is None:
                 raise BrokerError("message '%s' is not delivered to this connection"
                                   % message_id)
             events = []
             self._requeue([message], events, "nacked")
-            self._notify_woken()
+            self._notify_writers()
         _log_events(events)
 
     def close_session(self, session):
@@ -382,20 +399,20 @@ class Broker:
             self._sessions.discard(session)
             for consumer in session.consumers.values():
                 consumer.queue.consumers.remove(consumer)
-            held = list(session.unacked.values())
-            session.unacked.clear()
-            session.outbox = []
+            held = list(session.held.values())
+            session.held.clear()
+            session.pushes = []
             events = []
             self._requeue(held, events, "connection closed")
-            self._notify_woken()
-            session.has_outbox.notify_all()
+            self._notify_writers()
+            session.has_pushes.notify_all()
         _log_events(events)
         return len(held)
 
     # -- the timer's work ---------------------------------------------------
 
-    def redeliver_expired(self, now=None):
-        """Take back deliveries unacked past their deadline; forget old acked ids.
+    def retry_unacknowledged(self, now=None):
+        """Take back deliveries unacked past their deadline, for redelivery; forget old acked ids.
 
         Called by the redelivery thread.  Returns the clock time at which
         it should be called again.
@@ -406,16 +423,16 @@ class Broker:
             next_due = now + self.redelivery_interval
             for session in list(self._sessions):
                 expired = []
-                for message in session.unacked.values():
+                for message in session.held.values():
                     if message.deadline > now:
                         next_due = min(next_due, message.deadline)
                         break
                     expired.append(message)
                 for message in expired:
-                    del session.unacked[message.id]
+                    del session.held[message.id]
                 self._requeue(expired, events, "not acked in time")
             self._expire_acked(now)
-            self._notify_woken()
+            self._notify_writers()
         _log_events(events)
         return next_due
 
@@ -479,7 +496,7 @@ class Broker:
                 state.exchanges[name] = exchange.kind
                 for key, queue in exchange.bindings():
                     state.bindings.append((name, queue.name, key))
-            in_flight = [m for session in self._sessions for m in session.unacked.values()]
+            in_flight = [m for session in self._sessions for m in session.held.values()]
             for message in in_flight + [m for q in self._queues.values() for m in q.ready]:
                 entry = state.live.setdefault(message.id, (message.body, []))
                 entry[1].append(message.queue.name)
@@ -544,7 +561,7 @@ class Broker:
             for _ in range(count):
                 consumer = consumers[queue.next_consumer % count]
                 queue.next_consumer = (queue.next_consumer + 1) % count
-                if consumer.has_room() and message.id not in consumer.session.unacked:
+                if consumer.has_room() and message.id not in consumer.session.held:
                     break
             else:
                 return              # nobody has room (or every session holds this id)
@@ -555,29 +572,30 @@ class Broker:
         message.deliveries += 1
         message.consumer = consumer
         message.deadline = self.clock() + self.redelivery_interval
-        session.unacked[message.id] = message
+        session.held[message.id] = message
         message.queue.unacked += 1
         self.totals["delivered"] += 1
         if message.deliveries > 1:
             self.totals["redelivered"] += 1
         if consumer is not None:
             consumer.in_flight += 1
-            if not session.outbox:
-                self._woken.append(session)
-            session.outbox.append((message.id, message.body, message.deliveries))
+            if not session.pushes:
+                self._new_pushes.append(session)
+            session.pushes.append((message.id, message.body, message.deliveries))
 
-    def _notify_woken(self):
-        """Wake the delivery threads of sessions given pushes by this call."""
-        for session in self._woken:
-            session.has_outbox.notify()
-        self._woken = []
+    def _notify_writers(self):
+        """Leave the pushes made by this call to their sessions' delivery threads."""
+        for session in self._new_pushes:
+            session.has_pushes.notify()
+        self._new_pushes = []
 
-    def _take_woken(self):
-        woken, self._woken = self._woken, []
-        return woken
+    def _take_writers(self):
+        """The write_pushes callbacks for the pushes made by this call (see publish_many)."""
+        sessions, self._new_pushes = self._new_pushes, []
+        return [session.write_pushes for session in sessions]
 
     def _release(self, message):
-        """Detach an in-flight message from its consumer (already removed from unacked)."""
+        """Detach an in-flight message from its consumer (already out of its session's held)."""
         message.queue.unacked -= 1
         if message.consumer is not None:
             message.consumer.in_flight -= 1

@@ -6,32 +6,36 @@ Each connection has two threads at most:
   command against the broker and writes the replies for everything it read
   in one ``sendall``;
 * the **delivery thread** ``ciphermq-deliver-<peer>``, started by the first
-  ``consume``, waits for the broker to put messages in this session's outbox
-  and writes them.
+  ``consume``, waits for the broker to put messages in this session's
+  ``pushes`` and writes them.
 
-Pushes usually do not need the delivery thread at all: the reader that routed
-a message (a publisher's, or a consumer's own after an ack made room) writes
-it straight to the consumer's socket with a non-blocking send
-(:meth:`Connection.deliver_now`), which saves waking a thread per message.
-Whenever that cannot finish at once -- the connection is busy writing, or its
-socket is full -- the delivery thread is woken to do it, with blocking writes.
+Pushes usually do not need the delivery thread at all.  The connection gives
+the broker a callback, :meth:`Connection.write_pushes`, when it opens its
+session; the broker hands the callbacks of the sessions a publish (or an ack
+that made room) gave pushes back to the reader that caused them, and that
+reader calls them after sending its own replies: a non-blocking send straight
+to each consumer's socket, which saves waking a thread per message.  Whenever
+that cannot finish at once -- the connection is busy writing, or its socket is
+full -- the delivery thread is called to do it, with blocking writes.
 
 Every write to a socket happens with its connection's ``send_lock`` held, so
-bytes never interleave, and pushes are taken from the outbox only under that
+bytes never interleave, and pushes are taken from the session only under that
 lock, so they go out in order.  No broker lock is ever held while writing: a
 client that stops reading stalls only its own connection, until
 ``write_timeout`` drops it and the broker requeues whatever it held.
 
-The reader also enforces the connection's deadlines, checked every
-``read_tick`` seconds: authenticate within ``auth_timeout`` (with
-``--users``), finish a started line within ``line_timeout`` (slowloris), and,
-if set, send something within ``idle_timeout``.
+The reader also enforces the connection's deadlines: authenticate within
+``auth_timeout`` (with ``--users``), finish a started line within
+``line_timeout`` (slowloris), and, if set, send something within
+``idle_timeout``.  They are checked against the clock whenever bytes arrive
+and at every read tick (a read that waits at most ``read_tick`` seconds), so
+however a client paces its bytes it is dropped within its deadline plus one
+tick.
 """
 import logging
 import socket
 import socketserver
 import threading
-import time
 
 from . import protocol
 from .access import ANONYMOUS
@@ -51,7 +55,7 @@ class Connection(socketserver.BaseRequestHandler):
         self.sock = self.request
         self.peer = "%s:%s" % self.client_address[:2]
         #: Guards writing the socket: the reader's replies, the delivery thread's
-        #: pushes, other readers' deliver_now.  It is the transport's (set when
+        #: pushes, other readers' write_pushes.  It is the transport's (set when
         #: that is made); may be held while taking broker.mutex, never the reverse.
         self.send_lock = None
         self.thread = threading.current_thread()
@@ -59,15 +63,17 @@ class Connection(socketserver.BaseRequestHandler):
         self.transport = None
         #: Who this is; None until authenticated when the broker has --users.
         self.principal = ANONYMOUS if self.server.users is None else None
-        self.session = self.broker.open_session(self.peer, owner=self)
+        self.session = self.broker.open_session(self.peer, write_pushes=self.write_pushes)
         self._replies = []          # replies to the commands of the current read
         self._group_kind = None     # "publish" or "ack": the kind waiting in _group
         self._group = []            # (parsed command, its slot in _replies)
-        self._woken = []            # sessions given pushes by this read, to deliver after it
+        self._push_writers = []     # write_pushes callbacks due after this read's replies
         self._must_sync = False     # a reply in _replies promises something is on disk
         self._hang_up = False       # close once the pending replies are out
         self._writer = None
-        self._connected_at = self._line_started = time.monotonic()
+        #: The deadlines' clock (the server's: time.monotonic, or a test's fake one).
+        self.clock = self.server.clock
+        self._connected_at = self._line_started = self.clock()
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         set_timeouts(self.sock, self.config.read_tick, self.config.write_timeout)
         log.info("Client connected: %s", self.peer)
@@ -81,7 +87,7 @@ class Connection(socketserver.BaseRequestHandler):
             if not data:
                 return
             if b"\n" in data or not framer.in_line:    # the unfinished line began in data
-                self._line_started = time.monotonic()
+                self._line_started = self.clock()
             try:
                 for line in framer.feed(data):
                     self._execute(line)
@@ -90,8 +96,8 @@ class Connection(socketserver.BaseRequestHandler):
                 if self._replies and not self._answer():
                     return
             finally:
-                if self._woken:         # after our replies: the publisher waits for its ACK
-                    self._deliver_woken()
+                if self._push_writers:  # after our replies: the publisher waits for its ACK
+                    self._run_push_writers()
             if self._hang_up:
                 self.close()
                 return
@@ -144,33 +150,44 @@ class Connection(socketserver.BaseRequestHandler):
     # -- reading ------------------------------------------------------------
 
     def _receive(self, framer):
-        """The next bytes from the client; b"" when the connection is over or a deadline passed."""
-        started = None              # when this wait began; only needed once a tick passes
+        """The next bytes from the client; b"" when the connection is over or a deadline passed.
+
+        The deadlines are checked against the clock on every pass -- when
+        bytes arrive as well as at every read tick -- so a client cannot hold
+        them off by pacing its bytes.
+        """
+        waiting_since = self.clock()
         while True:
             try:
-                data = self.transport.recv()
-            except BlockingIOError:             # the read tick: check the deadlines
-                if started is None:
-                    started = time.monotonic() - self.config.read_tick
-                overdue = self._overdue(framer, started)
-                if overdue:
-                    log.info("Dropping %s: %s", self.peer, overdue)
-                    return b""
-                continue
+                data = self.transport.recv(whole_records=False)
+            except BlockingIOError:     # a read tick, or TLS bytes that finish no record yet
+                data = None
             except OSError as exc:
                 log.info("Connection from %s lost: %s", self.peer, exc)
                 return b""
-            return data
+            if data == b"":
+                return b""
+            overdue = self._overdue(framer, None if data else waiting_since)
+            if overdue:
+                log.info("Dropping %s: %s", self.peer, overdue)
+                return b""
+            if data:
+                return data
 
     def _overdue(self, framer, waiting_since):
-        """Which deadline has passed, if any (a reason for the log), else None."""
-        now = time.monotonic()
+        """Which deadline has passed, if any (a reason for the log), else None.
+
+        ``waiting_since`` is when the reader began waiting for the bytes that
+        have not come, or None when some just did (so the client is not idle).
+        """
+        now = self.clock()
         config = self.config
         if self.principal is None and now - self._connected_at > config.auth_timeout:
             return "not authenticated within %.0f s" % config.auth_timeout
         if framer.in_line and now - self._line_started > config.line_timeout:
             return "a line not finished within %.0f s" % config.line_timeout
-        if config.idle_timeout is not None and now - waiting_since > config.idle_timeout:
+        if (config.idle_timeout is not None and waiting_since is not None
+                and now - waiting_since > config.idle_timeout):
             return "idle for %.0f s" % config.idle_timeout
         return None
 
@@ -216,15 +233,15 @@ class Connection(socketserver.BaseRequestHandler):
         kind, group = self._group_kind, self._group
         self._group_kind, self._group = None, []
         if kind == "publish":
-            results, woken = self.broker.publish_many([item for item, _ in group])
+            results, writers = self.broker.publish_many([item for item, _ in group])
             self._must_sync = True  # even a duplicate's first copy may not be on disk yet
             ids = [item[2] for item, _ in group]
             reply, fault, what = protocol.ack_reply, "drop-ack", "ACK"
         else:
             ids = [item for item, _ in group]
-            results, woken = self.broker.ack_many(self.session, ids)
+            results, writers = self.broker.acknowledge_many(self.session, ids)
             reply, fault, what = protocol.ack_confirmed_reply, "drop-confirm", "ACK_CONFIRMED"
-        self._woken.extend(woken)
+        self._push_writers.extend(writers)
         log_acks = kind == "ack" and log.isEnabledFor(logging.DEBUG)
         for message_id, (_, slot), result in zip(ids, group, results):
             if log_acks and result is True:
@@ -288,10 +305,10 @@ class Connection(socketserver.BaseRequestHandler):
 
     def _deliver(self):
         """Delivery thread: write what the broker hands this session until it closes."""
-        while self.broker.wait_outbox(self.session, timeout=self.config.write_timeout):
+        while self.broker.wait_pushes(self.session, timeout=self.config.write_timeout):
             self._chaos_pause()
             with self.send_lock:
-                batch = self.broker.take_outbox(self.session)
+                batch = self.broker.take_pushes(self.session)
                 if batch is None:
                     return
                 if (batch or self.transport.backlog) and \
@@ -306,26 +323,28 @@ class Connection(socketserver.BaseRequestHandler):
         message_line = protocol.message_line
         return b"".join([message_line(*delivery) for delivery in batch])
 
-    def _deliver_woken(self):
-        woken, self._woken = self._woken, []
-        for session in woken:
-            session.owner.deliver_now()
+    def _run_push_writers(self):
+        writers, self._push_writers = self._push_writers, []
+        for write_pushes in writers:
+            write_pushes()
 
-    def deliver_now(self):
+    def write_pushes(self):
         """Write this session's waiting pushes from the calling thread, never blocking.
 
-        Called by the reader that just routed messages here, often another
-        connection's.  If this connection is busy writing, or its socket
-        cannot take everything at once, the delivery thread is woken to
-        finish the job.  (Chaos mode always leaves pushes to that thread.)
+        The callback this connection gave the broker (see the module
+        docstring): called by the reader that just routed messages here,
+        often another connection's.  If this connection is busy writing, or
+        its socket cannot take everything at once, the delivery thread is
+        called to finish the job.  (Chaos mode always leaves pushes to that
+        thread.)
         """
         if self.chaos or not self.send_lock.acquire(blocking=False):
-            self.broker.wake(self.session)
+            self.broker.call_writer(self.session)
             return
         try:
-            batch = self.broker.take_outbox(self.session)
+            batch = self.broker.take_pushes(self.session)
             if batch and not self.transport.send_nowait(self._push_lines(batch)):
-                self.broker.wake(self.session)      # the socket is full: a blocking write is due
+                self.broker.call_writer(self.session)   # the socket is full: a blocking write
         except OSError as exc:
             log.info("Connection from %s lost: %s", self.peer, exc)
             self.close()
@@ -373,7 +392,7 @@ class Connection(socketserver.BaseRequestHandler):
         exchange, queue, key = protocol.split_args(
             args, "bind <exchange> <queue> <routing_key>", 3)
         self.principal.check_configure()
-        self.broker.bind(protocol.parse_name(exchange, "exchange"),
+        self.broker.bind_queue(protocol.parse_name(exchange, "exchange"),
                          protocol.parse_name(queue, "queue"),
                          protocol.parse_routing_key(key, binding=True))
         self._must_sync = True
@@ -397,7 +416,7 @@ class Connection(socketserver.BaseRequestHandler):
         # The reply must reach the client before the first pushed message:
         # holding send_lock keeps the delivery thread from writing until then.
         with self.send_lock:
-            self.broker.subscribe(self.session, queue, prefetch)
+            self.broker.register_consumer(self.session, queue, prefetch)
             self._replies.append(protocol.SUBSCRIBED)
             self._flush_locked()
 
@@ -405,7 +424,7 @@ class Connection(socketserver.BaseRequestHandler):
         (raw_queue,) = protocol.split_args(args, "fetch <queue>", 1)
         queue = protocol.parse_name(raw_queue, "queue")
         self.principal.check_consume(queue)
-        delivery = self.broker.fetch(self.session, queue)
+        delivery = self.broker.consume(self.session, queue)
         self._replies.append(protocol.NO_MESSAGES if delivery is None
                              else protocol.message_line(*delivery))
 

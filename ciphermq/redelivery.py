@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 
 
 class RedeliveryTimer:
-    """Runs ``broker.redeliver_expired`` whenever a deadline is due.
+    """Runs ``broker.retry_unacknowledged`` whenever a deadline is due.
 
     ``start()`` launches the thread ``ciphermq-redelivery`` (non-daemon: it
     is always stopped explicitly); ``stop()`` sets the stop Event and joins.
@@ -39,7 +39,7 @@ class RedeliveryTimer:
         clock = self._broker.clock
         while not self._stop.is_set():
             try:
-                next_due = self._broker.redeliver_expired()
+                next_due = self._broker.retry_unacknowledged()
             except Exception:               # a bug: log it, keep the timer alive
                 log.exception("redelivery pass failed")
                 next_due = clock() + 1.0

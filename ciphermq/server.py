@@ -23,6 +23,7 @@ import signal
 import socketserver
 import sys
 import threading
+import time
 
 from . import __version__, recovery
 from .access import Users
@@ -46,8 +47,10 @@ class BrokerServer(socketserver.ThreadingTCPServer):
     block_on_close = False          # ... because stop() joins handler threads itself, bounded
     request_queue_size = 1024       # listen backlog: many clients may connect at once
 
-    def __init__(self, config=None):
+    def __init__(self, config=None, *, clock=time.monotonic):
         self.config = config or ServerConfig()
+        #: The broker's and the connections' clock: every deadline is measured on it.
+        self.clock = clock
         #: Set when the broker should stop: by a signal in main(), or by a failed journal.
         self.stop_requested = threading.Event()
         self.chaos = Chaos(self.config.chaos, self.config.chaos_seed) if self.config.chaos else None
@@ -73,6 +76,7 @@ class BrokerServer(socketserver.ThreadingTCPServer):
             max_bindings=self.config.max_bindings,
             dedup_window=self.config.dedup_window,
             dedup_max_ids=self.config.dedup_max_ids,
+            clock=clock,
             journal=self.journal)
         if self.journal is not None:
             restored = self.broker.restore(state)

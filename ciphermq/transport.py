@@ -61,11 +61,12 @@ class PlainTransport:
         self.send_lock = threading.Lock()
         self.backlog = b""          # bytes send_nowait could not write yet
 
-    def recv(self):
+    def recv(self, whole_records=True):
         """The next bytes, b"" at end of stream.  Only the reader calls it.
 
         Raises BlockingIOError or socket.timeout when the socket's read
-        timeout passes, OSError on failure.
+        timeout passes, OSError on failure.  ``whole_records`` matters for
+        TLS only (see :meth:`TlsTransport.recv`).
         """
         return self.sock.recv(RECV_BYTES)
 
@@ -167,7 +168,14 @@ class TlsTransport(PlainTransport):
     def pending(self):
         return bool(self._early)
 
-    def recv(self):
+    def recv(self, whole_records=True):
+        """As :meth:`PlainTransport.recv`, decrypted.
+
+        Bytes that finish no TLS record yet are read and kept; then, with
+        ``whole_records``, the read goes on; without it, BlockingIOError is
+        raised as at a read tick, so a caller with deadlines gets to check
+        them even while a peer dribbles a record byte by byte.
+        """
         if self._early:
             data, self._early = self._early, b""
             return data
@@ -187,6 +195,8 @@ class TlsTransport(PlainTransport):
                     self._send_raw(out)
             if data is None or data:            # None: the peer closed TLS cleanly
                 return data or b""
+            if not whole_records:
+                raise BlockingIOError("no whole TLS record yet")
 
     def _decrypt_available(self):
         """All the plaintext the incoming buffer completes: bytes, or None at close_notify.

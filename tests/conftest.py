@@ -7,6 +7,7 @@ import contextlib
 import json
 import socket
 import ssl
+import time
 import uuid
 
 import pytest
@@ -127,7 +128,8 @@ def start_server():
     with contextlib.ExitStack() as stack:
         def start(**overrides):
             overrides.setdefault("port", 0)
-            server = BrokerServer(ServerConfig(**overrides))
+            clock = overrides.pop("clock", time.monotonic)
+            server = BrokerServer(ServerConfig(**overrides), clock=clock)
             stack.callback(server.stop)
             return server.start()
         yield start

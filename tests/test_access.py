@@ -80,7 +80,7 @@ def test_anything_but_a_correct_auth_first_is_refused_and_closed(secured, line):
 def test_authentication_has_a_deadline(start_server, users_file):
     """A client that never authenticates is dropped at the auth deadline."""
     path, _ = users_file
-    server = start_server(users_file=str(path), auth_timeout=0.3, read_tick=0.05)
+    server = start_server(users_file=str(path), auth_timeout=0.3)
     client = Wire(server.address)
     try:
         assert client.closed_by_peer()

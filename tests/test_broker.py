@@ -24,8 +24,8 @@ def publish(broker, message_id, exchange="default_exchange", key="default_key"):
 
 
 def pushed(broker, session):
-    """Ids in the session's outbox, taken without blocking."""
-    return [delivery[0] for delivery in broker.take_outbox(session)]
+    """Ids in the session's pushes, taken without blocking."""
+    return [delivery[0] for delivery in broker.take_pushes(session)]
 
 
 def test_duplicate_publish_is_accepted_but_stored_once(broker):
@@ -40,13 +40,13 @@ def test_duplicate_of_an_acked_message_within_window_is_not_requeued(broker, clo
     """An id acked within the dedup window is re-ACKed, not stored again."""
     session = broker.open_session("s")
     publish(broker, "m1")
-    assert broker.fetch(session, "default_queue")[0] == "m1"
-    broker.ack(session, "m1")
+    assert broker.consume(session, "default_queue")[0] == "m1"
+    broker.acknowledge(session, "m1")
     clock.advance(3599)
-    broker.redeliver_expired()
+    broker.retry_unacknowledged()
     assert publish(broker, "m1") is False
     clock.advance(2)
-    broker.redeliver_expired()
+    broker.retry_unacknowledged()
     assert publish(broker, "m1") is True, "after the window the id is forgotten"
 
 
@@ -57,8 +57,8 @@ def test_dedup_memory_is_capped(clock):
     session = broker.open_session("s")
     for i in range(5):
         publish(broker, "m%d" % i)
-        broker.fetch(session, "default_queue")
-        broker.ack(session, "m%d" % i)
+        broker.consume(session, "default_queue")
+        broker.acknowledge(session, "m%d" % i)
     assert publish(broker, "m0") is True and publish(broker, "m1") is True
     assert publish(broker, "m4") is False
 
@@ -86,11 +86,11 @@ def test_fanout_full_target_refuses_the_whole_publish(broker):
     broker.declare_exchange("fan", "fanout")
     broker.declare_queue("a")
     broker.declare_queue("b")
-    broker.bind("fan", "a", "x")
-    broker.bind("fan", "b", "x")
+    broker.bind_queue("fan", "a", "x")
+    broker.bind_queue("fan", "b", "x")
     for i in range(5):
         broker.publish("default_exchange", "default_key", "pre%d" % i, b"{}")
-    broker.bind("fan", "default_queue", "x")
+    broker.bind_queue("fan", "default_queue", "x")
     with pytest.raises(BrokerError, match="full"):
         broker.publish("fan", "x", "f1", b"{}")
     stats = broker.stats()["queues"]
@@ -101,8 +101,8 @@ def test_consumers_compete_round_robin(broker):
     """Each message goes to exactly one consumer, alternating between them."""
     broker.max_queue_length = 100
     s1, s2 = broker.open_session("s1"), broker.open_session("s2")
-    broker.subscribe(s1, "default_queue", 0)
-    broker.subscribe(s2, "default_queue", 0)
+    broker.register_consumer(s1, "default_queue", 0)
+    broker.register_consumer(s2, "default_queue", 0)
     for i in range(6):
         publish(broker, "m%d" % i)
     got1, got2 = pushed(broker, s1), pushed(broker, s2)
@@ -114,26 +114,26 @@ def test_prefetch_limits_unacked_pushes(broker):
     """A consumer holds at most `prefetch` unacked messages; an ack makes room."""
     broker.max_queue_length = 100
     session = broker.open_session("s")
-    broker.subscribe(session, "default_queue", 2)
+    broker.register_consumer(session, "default_queue", 2)
     for i in range(5):
         publish(broker, "m%d" % i)
     assert pushed(broker, session) == ["m0", "m1"]
-    broker.ack(session, "m0")
+    broker.acknowledge(session, "m0")
     assert pushed(broker, session) == ["m2"]
 
 
 def test_unacked_delivery_comes_back_after_the_interval(broker, clock):
     """A delivery not acked within the redelivery interval is delivered again."""
     session = broker.open_session("s")
-    broker.subscribe(session, "default_queue", 0)
+    broker.register_consumer(session, "default_queue", 0)
     publish(broker, "m1")
     assert pushed(broker, session) == ["m1"]
     clock.advance(29)
-    broker.redeliver_expired()
+    broker.retry_unacknowledged()
     assert pushed(broker, session) == []
     clock.advance(2)
-    broker.redeliver_expired()
-    [(message_id, _, count)] = broker.take_outbox(session)
+    broker.retry_unacknowledged()
+    [(message_id, _, count)] = broker.take_pushes(session)
     assert (message_id, count) == ("m1", 2)
     assert broker.stats()["totals"]["redelivered"] == 1
 
@@ -142,9 +142,9 @@ def test_redeliver_reports_when_it_is_next_due(broker, clock):
     """The timer is told the earliest deadline, so it never polls."""
     session = broker.open_session("s")
     publish(broker, "m1")
-    broker.fetch(session, "default_queue")
+    broker.consume(session, "default_queue")
     clock.advance(10)
-    assert broker.redeliver_expired() == pytest.approx(clock.now + 20)
+    assert broker.retry_unacknowledged() == pytest.approx(clock.now + 20)
 
 
 def test_dead_letter_after_max_deliveries(broker, clock):
@@ -152,16 +152,16 @@ def test_dead_letter_after_max_deliveries(broker, clock):
     session = broker.open_session("s")
     publish(broker, "m1")
     for attempt in range(3):
-        assert broker.fetch(session, "default_queue")[2] == attempt + 1
+        assert broker.consume(session, "default_queue")[2] == attempt + 1
         clock.advance(31)
-        broker.redeliver_expired()
+        broker.retry_unacknowledged()
     stats = broker.stats()
     assert stats["queues"]["default_queue"] == {"ready": 0, "unacked": 0, "consumers": 0}
     assert stats["queues"]["default_queue.dead"]["ready"] == 1
     assert stats["totals"]["dead_lettered"] == 1
-    message_id, _, count = broker.fetch(session, "default_queue.dead")
+    message_id, _, count = broker.consume(session, "default_queue.dead")
     assert (message_id, count) == ("m1", 1)
-    assert broker.ack(session, "m1") is True
+    assert broker.acknowledge(session, "m1") is True
 
 
 def test_nack_requeues_at_the_front(broker):
@@ -169,19 +169,19 @@ def test_nack_requeues_at_the_front(broker):
     session = broker.open_session("s")
     publish(broker, "m1")
     publish(broker, "m2")
-    assert broker.fetch(session, "default_queue")[0] == "m1"
+    assert broker.consume(session, "default_queue")[0] == "m1"
     broker.nack(session, "m1")
-    assert broker.fetch(session, "default_queue")[:3:2] == ("m1", 2)
+    assert broker.consume(session, "default_queue")[:3:2] == ("m1", 2)
 
 
 def test_closing_a_session_requeues_in_order(broker):
     """A disconnected consumer's messages go back in their original order."""
     s1, s2 = broker.open_session("s1"), broker.open_session("s2")
-    broker.subscribe(s1, "default_queue", 0)
+    broker.register_consumer(s1, "default_queue", 0)
     for i in range(3):
         publish(broker, "m%d" % i)
     assert broker.close_session(s1) == 3
-    broker.subscribe(s2, "default_queue", 0)
+    broker.register_consumer(s2, "default_queue", 0)
     assert pushed(broker, s2) == ["m0", "m1", "m2"]
 
 
@@ -189,14 +189,14 @@ def test_ack_rules(broker):
     """Only the holder may ack; a repeated ack is confirmed; unknown ids are refused."""
     s1, s2 = broker.open_session("s1"), broker.open_session("s2")
     publish(broker, "m1")
-    broker.fetch(s1, "default_queue")
+    broker.consume(s1, "default_queue")
     with pytest.raises(BrokerError, match="not delivered to this connection"):
-        broker.ack(s2, "m1")
+        broker.acknowledge(s2, "m1")
     assert broker.stats()["queues"]["default_queue"]["unacked"] == 1
-    assert broker.ack(s1, "m1") is True
-    assert broker.ack(s1, "m1") is False
+    assert broker.acknowledge(s1, "m1") is True
+    assert broker.acknowledge(s1, "m1") is False
     with pytest.raises(BrokerError):
-        broker.ack(s1, "never-seen")
+        broker.acknowledge(s1, "never-seen")
 
 
 def test_fanout_copies_are_acked_separately(broker):
@@ -204,36 +204,40 @@ def test_fanout_copies_are_acked_separately(broker):
     broker.declare_exchange("fan", "fanout")
     for name in ("a", "b"):
         broker.declare_queue(name)
-        broker.bind("fan", name, "x")
+        broker.bind_queue("fan", name, "x")
     s1, s2 = broker.open_session("s1"), broker.open_session("s2")
     broker.publish("fan", "x", "f1", b"{}")
-    broker.fetch(s1, "a")
-    broker.ack(s1, "f1")
+    broker.consume(s1, "a")
+    broker.acknowledge(s1, "f1")
     assert broker.publish("fan", "x", "f1", b"{}") is False
-    assert broker.fetch(s2, "b")[0] == "f1"
-    assert broker.ack(s2, "f1") is True
+    assert broker.consume(s2, "b")[0] == "f1"
+    assert broker.acknowledge(s2, "f1") is True
 
 
 def test_delivery_wait_ends_when_the_session_closes(broker):
-    """The delivery thread's wait ends, and the outbox is gone, once the session closes."""
+    """The delivery thread's wait ends, and the pushes are gone, once the session closes."""
     session = broker.open_session("s")
     broker.close_session(session)
-    assert broker.wait_outbox(session, timeout=5) is False
-    assert broker.take_outbox(session) is None
+    assert broker.wait_pushes(session, timeout=5) is False
+    assert broker.take_pushes(session) is None
 
 
-def test_batched_calls_report_sessions_to_deliver(broker):
-    """publish_many/ack_many hand back the sessions given pushes, instead of waking threads."""
+def test_batched_calls_hand_back_the_push_writers(broker):
+    """publish_many/acknowledge_many return the given write_pushes callbacks, not waking threads."""
     broker.max_queue_length = 100
-    session = broker.open_session("s")
-    broker.subscribe(session, "default_queue", 1)
-    results, woken = broker.publish_many([("default_exchange", "default_key", "b%d" % i, b"{}")
-                                          for i in range(3)])
-    assert results == [True, True, True] and woken == [session]
+
+    def write_pushes():
+        raise AssertionError("the broker must not call it: only the caller may")
+    session = broker.open_session("s", write_pushes=write_pushes)
+    broker.register_consumer(session, "default_queue", 1)
+    results, writers = broker.publish_many([("default_exchange", "default_key", "b%d" % i, b"{}")
+                                            for i in range(3)])
+    assert results == [True, True, True] and writers == [write_pushes]
+    assert not session.writer_called
     assert pushed(broker, session) == ["b0"]
-    results, woken = broker.ack_many(session, ["b0", "nope"])
+    results, writers = broker.acknowledge_many(session, ["b0", "nope"])
     assert results[0] is True and isinstance(results[1], BrokerError)
-    assert woken == [session] and pushed(broker, session) == ["b1"]
+    assert writers == [write_pushes] and pushed(broker, session) == ["b1"]
 
 
 def test_topology_is_bounded(clock):
@@ -247,8 +251,8 @@ def test_topology_is_bounded(clock):
     broker.declare_exchange("x", "topic")
     with pytest.raises(BrokerError, match="too many exchanges"):
         broker.declare_exchange("y")
-    broker.bind("x", "a", "k1")
-    broker.bind("x", "b", "k1")
-    broker.bind("x", "a", "k1")                     # binding twice is not a new binding
+    broker.bind_queue("x", "a", "k1")
+    broker.bind_queue("x", "b", "k1")
+    broker.bind_queue("x", "a", "k1")                     # binding twice is not a new binding
     with pytest.raises(BrokerError, match="too many bindings"):
-        broker.bind("x", "a", "k2")
+        broker.bind_queue("x", "a", "k2")

@@ -44,14 +44,14 @@ HAS_OPENSSL = shutil.which("openssl") is not None
 
 #: Broker limits per profile.  ``...`` is filled in at run time (a file or directory).
 PROFILES = {
-    "small": dict(max_line_bytes=LIMIT, line_timeout=0.5, read_tick=0.05),
-    "idle": dict(idle_timeout=0.3, read_tick=0.05),
+    "small": dict(max_line_bytes=LIMIT, line_timeout=0.5),
+    "idle": dict(idle_timeout=0.3),
     "few": dict(max_connections=4),
     "churn": dict(max_connections=16),
     "short-queue": dict(max_queue_length=3),
     "write-timeout": dict(write_timeout=0.3),
-    "users": dict(users_file=..., auth_timeout=0.5, read_tick=0.05),
-    "tls": dict(tls_cert=..., tls_key=..., auth_timeout=0.5, read_tick=0.05),
+    "users": dict(users_file=..., auth_timeout=0.5),
+    "tls": dict(tls_cert=..., tls_key=..., auth_timeout=0.5),
     "journal": dict(data_dir=...),
 }
 
