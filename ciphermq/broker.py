@@ -7,7 +7,7 @@ redelivery rules can be tested without waiting.
 
 A message copy in a queue is in one of two states::
 
-    ready --deliver/fetch--> in flight (held by one Session) --ack--> gone
+    ready --push/consume--> in flight (held by one Session) --acknowledge--> gone
       ^                          |
       +---- nack, timeout, ------+----(max deliveries reached)----> <queue>.dead
             disconnect
@@ -46,8 +46,8 @@ class Message:
         self.id = message_id
         self.body = body            # the envelope JSON as bytes, shared by all copies
         self.queue = queue
-        self.deliveries = 0         # times handed to a consumer or fetched
-        self.consumer = None        # the Consumer that got it (None for fetch)
+        self.deliveries = 0         # times pushed to a consumer or pulled by consume()
+        self.consumer = None        # the Consumer it was pushed to (None when pulled)
         self.deadline = 0.0         # when an unacked delivery is taken back
 
 

@@ -61,23 +61,8 @@ class BrokerServer(socketserver.ThreadingTCPServer):
         if self.config.tls_cert:
             self.tls_context = server_tls_context(self.config.tls_cert, self.config.tls_key,
                                                   self.config.tls_client_ca)
-        self.journal = None
-        if self.config.data_dir is not None:
-            self.journal = Journal(self.config.data_dir,
-                                   compact_min_bytes=self.config.compact_min_bytes)
-            self.journal.on_failure = self.stop_requested.set
-            state = recovery.fold(self.journal.recover())
-        self.broker = Broker(
-            redelivery_interval=self.config.redelivery_interval,
-            max_deliveries=self.config.max_deliveries,
-            max_queue_length=self.config.max_queue_length,
-            max_queues=self.config.max_queues,
-            max_exchanges=self.config.max_exchanges,
-            max_bindings=self.config.max_bindings,
-            dedup_window=self.config.dedup_window,
-            dedup_max_ids=self.config.dedup_max_ids,
-            clock=clock,
-            journal=self.journal)
+        self.journal, state = self._open_journal()
+        self.broker = self._make_broker(clock)
         if self.journal is not None:
             restored = self.broker.restore(state)
             log.info("Journal %s: recovered %d message(s), %d queue(s), %d acked id(s)",
@@ -98,6 +83,28 @@ class BrokerServer(socketserver.ThreadingTCPServer):
             if self.journal is not None:
                 self.journal.close()
             raise
+
+    def _open_journal(self):
+        """With ``data_dir``: the journal and the state it recovered; else (None, None)."""
+        if self.config.data_dir is None:
+            return None, None
+        journal = Journal(self.config.data_dir, compact_min_bytes=self.config.compact_min_bytes)
+        journal.on_failure = self.stop_requested.set
+        return journal, recovery.fold(journal.recover())
+
+    def _make_broker(self, clock):
+        config = self.config
+        return Broker(
+            redelivery_interval=config.redelivery_interval,
+            max_deliveries=config.max_deliveries,
+            max_queue_length=config.max_queue_length,
+            max_queues=config.max_queues,
+            max_exchanges=config.max_exchanges,
+            max_bindings=config.max_bindings,
+            dedup_window=config.dedup_window,
+            dedup_max_ids=config.dedup_max_ids,
+            clock=clock,
+            journal=self.journal)
 
     @property
     def address(self):
