@@ -1,4 +1,6 @@
 """The broker's rules, driven directly with a fake clock (no sockets, no waiting)."""
+from pathlib import Path
+
 import pytest
 from conftest import FakeClock
 
@@ -256,3 +258,30 @@ def test_topology_is_bounded(clock):
     broker.bind_queue("x", "a", "k1")                     # binding twice is not a new binding
     with pytest.raises(BrokerError, match="too many bindings"):
         broker.bind_queue("x", "a", "k2")
+
+
+DOCUMENT_NAMES = ("declare_queue", "declare_exchange", "bind_queue", "publish",
+                  "register_consumer", "consume", "acknowledge", "retry_unacknowledged")
+
+
+def test_the_design_documents_operations_are_broker_methods_mapped_in_the_docs():
+    """Each server function the design document names is one Broker method, and the map says so."""
+    architecture = (Path(__file__).resolve().parent.parent / "docs" / "ARCHITECTURE.md").read_text()
+    table = architecture.split("## From the design document to the code (broker)", 1)[1]
+    for name in DOCUMENT_NAMES:
+        assert callable(getattr(Broker, name, None)), name
+        assert "| `%s` | `Broker.%s`" % (name, name) in table, name
+
+
+def test_pulled_and_pushed_messages_go_through_the_document_names(broker, clock):
+    """register_consumer pushes, consume pulls, acknowledge removes, retry_unacknowledged takes back."""
+    pusher, puller = broker.open_session("push"), broker.open_session("pull")
+    publish(broker, "p1")
+    publish(broker, "p2")
+    assert broker.consume(puller, "default_queue")[0] == "p1"
+    broker.register_consumer(pusher, "default_queue", 0)
+    assert pushed(broker, pusher) == ["p2"]
+    assert broker.acknowledge(pusher, "p2") is True
+    clock.advance(31)
+    broker.retry_unacknowledged()
+    assert pushed(broker, pusher) == ["p1"]         # taken back from the puller, pushed again
