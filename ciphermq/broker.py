@@ -121,8 +121,9 @@ class Broker:
     :meth:`wait_pushes` blocks.  The methods named in the design document
     (``declare_queue``, ``declare_exchange``, ``bind_queue``, ``publish``,
     ``register_consumer``, ``consume``, ``acknowledge``,
-    ``retry_unacknowledged``) do its jobs; docs/ARCHITECTURE.md maps each.  Methods never log while holding the lock;
-    events worth a log line are collected and logged after release.
+    ``retry_unacknowledged``) do its jobs; docs/ARCHITECTURE.md maps each.
+    Methods never log while holding the lock; events worth a log line are
+    collected and logged after release.
     """
 
     def __init__(self, *, redelivery_interval=30.0, max_deliveries=10,

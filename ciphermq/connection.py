@@ -47,9 +47,13 @@ log = logging.getLogger(__name__)
 
 
 class Connection(socketserver.BaseRequestHandler):
-    """The handler ``BrokerServer`` runs in a thread for every accepted socket."""
+    """The handler ``BrokerServer`` runs in a thread for every accepted socket.
+
+    socketserver calls ``setup``, ``handle`` and ``finish`` in that thread.
+    """
 
     def setup(self):
+        """Per-connection state; opens the broker session with this connection's write_pushes."""
         self.broker = self.server.broker
         self.config = self.server.config
         self.sock = self.request
@@ -79,6 +83,7 @@ class Connection(socketserver.BaseRequestHandler):
         log.info("Client connected: %s", self.peer)
 
     def handle(self):
+        """The reader: frame lines, run them, answer each read at once; until EOF or a deadline."""
         if not self.server.register(self) or not self._open_transport():
             return
         framer = protocol.LineFramer(self.config.max_line_bytes)
@@ -112,6 +117,7 @@ class Connection(socketserver.BaseRequestHandler):
             return self._flush_locked()
 
     def finish(self):
+        """Give back what the session held, stop the delivery thread (bounded), log the end."""
         requeued = self.broker.close_session(self.session)
         self.close()
         if self._writer is not None:

@@ -31,8 +31,8 @@ from .broker import Broker
 from .chaos import Chaos, ChaosSpecError
 from .config import ServerConfig
 from .connection import Connection
-from .journal import Journal, JournalError
 from .envelope import EnvelopeLimits
+from .journal import Journal, JournalError
 from .redelivery import RedeliveryTimer
 from .transport import server_tls_context
 

@@ -274,7 +274,7 @@ def test_the_design_documents_operations_are_broker_methods_mapped_in_the_docs()
 
 
 def test_pulled_and_pushed_messages_go_through_the_document_names(broker, clock):
-    """register_consumer pushes, consume pulls, acknowledge removes, retry_unacknowledged takes back."""
+    """The document's names together: push, pull, acknowledge, and retry what was not acked."""
     pusher, puller = broker.open_session("push"), broker.open_session("pull")
     publish(broker, "p1")
     publish(broker, "p2")

@@ -114,7 +114,7 @@ def test_tls_blank_lines_do_not_hold_off_the_login_deadline(start_server, certs,
 
 
 def test_a_real_user_gets_a_slot_while_dribblers_hold_them_all(start_server, users_file):
-    """20 pre-auth dribblers filling --max-connections are dropped by deadline, and a user gets in."""
+    """20 pre-auth dribblers filling --max-connections are dropped by deadline; a user gets in."""
     path, token = users_file
     server = start_server(users_file=path, auth_timeout=1.0, max_connections=20)
     dribblers = [Dribbler(server.address, b"\n", b"\n") for _ in range(20)]

@@ -63,7 +63,7 @@ def test_memory_stays_bounded_while_discarding():
 
 
 def test_unfinished_line_costs_about_its_own_size_whatever_the_segmenting():
-    """Memory per byte: a 200,000-byte unfinished line fed 1 byte at a time costs under 2 bytes a byte."""
+    """Memory per byte: a 200 kB unfinished line fed 1 byte at a time costs under 2 bytes a byte."""
     size = 200_000
     framer = protocol.LineFramer(max_line_bytes=1_000_000)
     pieces = [b"x"] * size          # the same one-byte object: the pieces themselves cost nothing
