@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 FAULTS = ("drop-ack", "drop-confirm", "drop-delivery", "disconnect")
 
 
-class ChaosSpecError(ValueError):
+class ChaosSpecError(ValueError):  # moves to errors.py
     """The --chaos text does not parse."""
 
 

@@ -36,7 +36,7 @@ from .errors import CipherMQError
 RECV_BYTES = 256 * 1024
 
 
-class TransportError(CipherMQError):
+class TransportError(CipherMQError):  # moves to errors.py
     """The TLS handshake failed or timed out."""
 
 
