@@ -77,7 +77,7 @@ class Connection(socketserver.BaseRequestHandler):
         self._writer = None
         #: The deadlines' clock (the server's: time.monotonic, or a test's fake one).
         self.clock = self.server.clock
-        self._connected_at = self._line_started = self.clock()
+        self._connected_at = self._line_started = self._heard_at = self.clock()
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         set_timeouts(self.sock, self.config.read_tick, self.config.write_timeout)
         log.info("Client connected: %s", self.peer)
@@ -162,7 +162,6 @@ class Connection(socketserver.BaseRequestHandler):
         bytes arrive as well as at every read tick -- so a client cannot hold
         them off by pacing its bytes.
         """
-        waiting_since = self.clock()
         while True:
             try:
                 data = self.transport.recv(whole_records=False)
@@ -173,18 +172,18 @@ class Connection(socketserver.BaseRequestHandler):
                 return b""
             if data == b"":
                 return b""
-            overdue = self._overdue(framer, None if data else waiting_since)
+            overdue = self._overdue(framer, bool(data))
             if overdue:
                 log.info("Dropping %s: %s", self.peer, overdue)
                 return b""
             if data:
                 return data
 
-    def _overdue(self, framer, waiting_since):
+    def _overdue(self, framer, heard):
         """Which deadline has passed, if any (a reason for the log), else None.
 
-        ``waiting_since`` is when the reader began waiting for the bytes that
-        have not come, or None when some just did (so the client is not idle).
+        ``heard``: bytes have just arrived (so the client is not idle; they
+        are checked against the login and line deadlines before they count).
         """
         now = self.clock()
         config = self.config
@@ -192,8 +191,9 @@ class Connection(socketserver.BaseRequestHandler):
             return "not authenticated within %.0f s" % config.auth_timeout
         if framer.in_line and now - self._line_started > config.line_timeout:
             return "a line not finished within %.0f s" % config.line_timeout
-        if (config.idle_timeout is not None and waiting_since is not None
-                and now - waiting_since > config.idle_timeout):
+        if heard:
+            self._heard_at = now
+        elif config.idle_timeout is not None and now - self._heard_at > config.idle_timeout:
             return "idle for %.0f s" % config.idle_timeout
         return None
 

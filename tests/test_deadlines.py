@@ -174,6 +174,22 @@ def test_complete_lines_reset_the_line_deadline(start_server):
         client.close()
 
 
+def test_idle_deadline_runs_on_the_servers_clock(start_server):
+    """A connection silent past --idle-timeout on the server's clock is dropped at the next tick."""
+    clock = FakeClock()
+    server = start_server(idle_timeout=600.0, clock=clock)
+    client = Wire(server.address)
+    try:
+        assert client.call("ping") == "PONG"    # heard: the idle clock starts now
+        clock.advance(599)
+        client.expect_nothing(1.5)              # more than a read tick: checked, and kept
+        assert client.call("ping") == "PONG"
+        clock.advance(601)
+        assert client.closed_by_peer()
+    finally:
+        client.close()
+
+
 def test_idle_connection_is_dropped_when_asked(start_server):
     """With --idle-timeout a silent client is disconnected (at the default read tick)."""
     server = start_server(idle_timeout=0.5)
