@@ -19,9 +19,10 @@ unlocked, and ``_tls_lock`` guards only the in-memory TLS state, never a
 socket call.
 
 Why per-direction timeouts (:func:`set_timeouts`)?  A Python socket has one
-timeout for both directions, but the broker needs two: reads wake up every
-second or so to check the idle and slow-line deadlines, while a write may
-take up to the write timeout before the client is declared dead.  The kernel
+timeout for both directions, but the broker needs two: a silent read wakes
+up every second or so so the reader can check its deadlines (it also checks
+them whenever bytes arrive), while a write may take up to the write timeout
+before the client is declared dead.  The kernel
 keeps one per direction (``SO_RCVTIMEO``, ``SO_SNDTIMEO``) on a blocking
 socket; a timed-out call raises ``BlockingIOError``.
 """
