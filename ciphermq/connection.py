@@ -92,7 +92,7 @@ class Connection(socketserver.BaseRequestHandler):
             if not data:
                 return
             if b"\n" in data or not framer.in_line:    # the unfinished line began in data
-                self._line_started = self.clock()
+                self._line_started = self._heard_at     # when data arrived
             try:
                 for line in framer.feed(data):
                     self._execute(line)
