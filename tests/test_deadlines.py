@@ -113,6 +113,39 @@ def test_tls_blank_lines_do_not_hold_off_the_login_deadline(start_server, certs,
     assert_dropped_while_dribbling(Dribbler(server.address, b"\n", b"\n", tls=tls))
 
 
+class HandshakeDribbler(Dribbler):
+    """Sends a genuine TLS ClientHello one byte every PACE seconds: the handshake never ends."""
+
+    def __init__(self, address, tls):
+        bio_in, bio_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        hello = tls.wrap_bio(bio_in, bio_out, server_hostname="localhost")
+        with pytest.raises(ssl.SSLWantReadError):
+            hello.do_handshake()
+        client_hello = bio_out.read()
+        super().__init__(address, client_hello[:1], None)
+        self.rest = client_hello[1:1 + int(DRIBBLE_FOR / PACE)]
+
+    def run(self):
+        try:
+            self.sock.sendall(self.first)
+            for byte in self.rest:      # far fewer bytes than a ClientHello has
+                if self.stop.wait(PACE):
+                    return
+                self.sock.sendall(bytes([byte]))
+            self.exhausted.set()
+        except OSError:
+            self.dropped.set()
+
+
+def test_tls_handshake_dribbled_is_dropped_at_the_login_deadline(start_server, certs):
+    """A TLS ClientHello fed one byte every 0.4 s is cut off at --auth-timeout (plus a tick)."""
+    trusted = certs[0]
+    server = start_server(tls_cert=str(trusted / "server.pem"),
+                          tls_key=str(trusted / "server.key"), auth_timeout=1.0)
+    tls = ssl.create_default_context(cafile=str(trusted / "ca.pem"))
+    assert_dropped_while_dribbling(HandshakeDribbler(server.address, tls))
+
+
 def test_a_real_user_gets_a_slot_while_dribblers_hold_them_all(start_server, users_file):
     """20 pre-auth dribblers filling --max-connections are dropped by deadline; a user gets in."""
     path, token = users_file
