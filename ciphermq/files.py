@@ -41,6 +41,11 @@ def open_append(path):
     return os.fdopen(open_private(path, os.O_WRONLY | os.O_APPEND), "ab")
 
 
+def open_existing(path):
+    """A binary file object reading and writing an existing ``path``, never through a symlink."""
+    return os.fdopen(os.open(path, os.O_RDWR | os.O_NOFOLLOW | _CLOEXEC), "r+b")
+
+
 def create_exclusive(path):
     """Create a new file 0600 and return its descriptor open for writing.
 

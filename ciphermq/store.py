@@ -63,7 +63,7 @@ class JsonLinesFile:
     def _load(self):
         intact_end = 0              # offset just past the last intact line
         bad_line = None             # (number, reason) of an invalid line, if one was seen
-        with open(self.path, "r+b") as file:
+        with files.open_existing(self.path) as file:
             for number, line in enumerate(file, 1):
                 if bad_line is not None:
                     raise CorruptFile("%s: line %d %s; it is not the last line, so it is "
