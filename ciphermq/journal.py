@@ -311,13 +311,17 @@ class Journal:
         """Copy the damaged ``stretches`` of journal.log into a new, unique file; its path."""
         path, fd = files.create_unique(self.directory, prefix)
         try:
-            with open(self.path, "rb") as source:
-                for start, end in stretches:
-                    source.seek(start)
-                    files.write_all(fd, source.read(end - start))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            try:
+                with open(self.path, "rb") as source:
+                    for start, end in stretches:
+                        source.seek(start)
+                        files.write_all(fd, source.read(end - start))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            _remove_quietly(path)           # no half-saved file: the journal still has the bytes
+            raise
         files.fsync_directory(self.directory)
         return path
 

@@ -317,7 +317,48 @@ def test_start_on_a_full_disk_says_the_disk_is_full(small_disk):
     assert "Traceback" not in broker.log
 
 
+def test_start_that_cannot_save_a_torn_tail_on_a_full_disk_says_the_disk_is_full(small_disk):
+    """When the torn tail cannot be saved for lack of space, the broker exits 1 saying the
+    disk is full, without a traceback, and cuts nothing."""
+    data_dir = small_disk / "data"
+    data_dir.mkdir()
+    journal = data_dir / "journal.log"
+    journal.write_bytes(encode(b"Q q1") + b"0badc0de Q torn")
+    fill(small_disk)
+    done = subprocess.run(
+        [sys.executable, "-m", "ciphermq.server", "--port", "0", "--data-dir", str(data_dir)],
+        capture_output=True, text=True, timeout=WAIT * 4)
+    assert done.returncode == 1, done.stderr
+    assert "the disk is full" in done.stderr and "Traceback" not in done.stderr
+    assert "Cannot start on" not in done.stderr
+    assert journal.read_bytes().endswith(b"0badc0de Q torn")
+    assert not saved_files(data_dir, "journal.torn-tail")
+
+
 # -- compaction never thrashes --------------------------------------------------
+
+def test_failed_compaction_keeps_the_old_journal_and_every_record(tmp_path, monkeypatch,
+                                                                  caplog):
+    """A compaction that cannot write its new file (a full disk) leaves the old journal
+    standing and writes the records it had cut to it; it is not retried at once."""
+    def no_space(path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(files_module, "create_exclusive", no_space)
+    journal = Journal(tmp_path, compact_min_bytes=0, fsync=False)
+    journal.recover()
+    journal.start(snapshot=lambda: journal.cut([b"Q snapshot"]))
+    journal.append(b"Q q1")
+    assert journal.sync(WAIT)
+    journal.request_compaction()
+    journal.append(b"Q q2")
+    assert journal.sync(WAIT)
+    journal.close()
+    assert journal.compactions == 0
+    assert "next try at %d bytes" % (2 * len(encode(b"Q q1"))) in caplog.text   # not at once
+    assert [payload for payload, _ in read_records(tmp_path / "journal.log")] == \
+        [b"Q q1", b"Q q2"]
+    assert not (tmp_path / "journal.log.tmp").exists()
+
 
 def test_compactions_are_geometric_with_many_remembered_ids(tmp_path, monkeypatch):
     """With acked ids remembered (they survive every compaction), N acks past the minimum
