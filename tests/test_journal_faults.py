@@ -279,7 +279,7 @@ def fill(directory):
     return filler
 
 
-def test_journal_on_a_real_full_disk_refuses_then_resumes(durable_server, small_disk):
+def test_journal_on_a_real_full_disk_refuses_then_resumes(small_disk, durable_server):
     """On a full tmpfs, publishes are refused with the disk's reason and consumers drain;
     once space is freed, publishing resumes with nothing lost."""
     server = durable_server(small_disk / "data")
