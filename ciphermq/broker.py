@@ -252,6 +252,8 @@ class Broker:
         for queue in queues:
             if len(queue.ready) + queue.unacked >= self.max_queue_length:
                 raise BrokerError("queue '%s' is full" % queue.name)
+        if self.journal is not None:
+            self.journal.check_writable()   # a disk refusing writes refuses publishes up front
         self._live[message_id] = len(queues)
         self._live_bytes += len(body)
         self.totals["published"] += 1

@@ -35,6 +35,8 @@ class ServerConfig:
     dedup_max_ids: int = 1_000_000       # ... and at most this many of them
     data_dir: Optional[str] = None       # journal here (None: memory only, as the document)
     compact_min_bytes: int = 64 * 1024 * 1024   # never compact a journal smaller than this
+    repair: bool = False                 # keep a damaged journal's intact records (--repair)
+    journal_retry_interval: float = 1.0  # a failed journal write is tried again after this
     users_file: Optional[str] = None     # access control (ciphermq/access.py); None: off
     tls_cert: Optional[str] = None       # TLS: server certificate chain (PEM) ...
     tls_key: Optional[str] = None        # ... and its private key

@@ -32,7 +32,7 @@ from .chaos import Chaos, ChaosSpecError
 from .config import ServerConfig
 from .connection import Connection
 from .envelope import EnvelopeLimits
-from .journal import Journal, JournalError
+from .journal import EXIT_DAMAGED, Journal, JournalDamaged, JournalError
 from .redelivery import RedeliveryTimer
 from .transport import server_tls_context
 
@@ -67,7 +67,11 @@ class BrokerServer(socketserver.ThreadingTCPServer):
             restored = self.broker.restore(state)
             log.info("Journal %s: recovered %d message(s), %d queue(s), %d acked id(s)",
                      self.journal.path, restored, len(state.queues), len(state.acked))
-            self.journal.start(snapshot=self.broker.snapshot_to_journal)
+            try:
+                self.journal.start(snapshot=self.broker.snapshot_to_journal)
+            except JournalError:
+                self.journal.close()
+                raise
         self.broker.declare_defaults()
         #: Guards _connections (the open Connection handlers), _admitted
         #: (accepted and not yet finished, for max_connections) and _stopping.
@@ -88,9 +92,16 @@ class BrokerServer(socketserver.ThreadingTCPServer):
         """With ``data_dir``: the journal and the state it recovered; else (None, None)."""
         if self.config.data_dir is None:
             return None, None
-        journal = Journal(self.config.data_dir, compact_min_bytes=self.config.compact_min_bytes)
+        journal = Journal(self.config.data_dir,
+                          compact_min_bytes=self.config.compact_min_bytes,
+                          retry_interval=self.config.journal_retry_interval,
+                          repair=self.config.repair)
         journal.on_failure = self.stop_requested.set
-        return journal, recovery.fold(journal.recover())
+        try:
+            return journal, recovery.fold(journal.recover())
+        except JournalError:
+            journal.close()
+            raise
 
     def _make_broker(self, clock):
         config = self.config
@@ -245,6 +256,9 @@ def build_parser():
         help="require client certificates signed by this CA (mutual TLS)")
     add("--compact-min-bytes", type=int, default=defaults.compact_min_bytes, metavar="BYTES",
         help="with --data-dir: never compact a journal smaller than this (default %(default)s)")
+    add("--repair", action="store_true",
+        help="with --data-dir: if the journal is damaged, keep every intact record and move "
+             "the damaged bytes to a new journal.damaged.* file (default: refuse to start)")
     add("--chaos", default=None, metavar="SPEC",
         help="inject faults for teaching, e.g. drop-ack=0.05,drop-confirm=0.05,"
              "drop-delivery=0.02,disconnect=0.01,delay-ms=0-20 (default: off)")
@@ -268,6 +282,9 @@ def main(argv=None):
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         server = BrokerServer(config_from_args(args))
+    except JournalDamaged as exc:
+        log.error("%s", exc)
+        return EXIT_DAMAGED                 # 4: the journal needs --repair (or a human)
     except (JournalError, ChaosSpecError, ValueError) as exc:
         log.error("%s", exc)
         return 1
