@@ -42,16 +42,12 @@ import threading
 import zlib
 from pathlib import Path
 
-from .errors import CipherMQError
+from .errors import JournalError
 
 log = logging.getLogger(__name__)
 
 JOURNAL_NAME = "journal.log"
 LOCK_NAME = "LOCK"
-
-
-class JournalError(CipherMQError):
-    """The journal cannot be read, locked or written; the broker must not go on."""
 
 
 def encode(payload):

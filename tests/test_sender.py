@@ -12,7 +12,8 @@ from scripts import (
     sender_args,
 )
 
-from ciphermq import access, crypto
+from ciphermq import access
+from ciphermq import keys as keyfiles
 from ciphermq.outbox import Outbox
 
 TEST_MESSAGE = load_script("Sender").TEST_MESSAGE
@@ -204,7 +205,7 @@ def test_signed_envelopes_with_key_reuse_pass_a_receiver_that_requires_signature
     """--signing-key/--sender/--key-reuse on the sender and --trusted-senders/
     --require-signature on the receiver: signed messages are stored, unsigned rejected."""
     trusted = tmp_path / "trusted"
-    key, _ = crypto.write_signing_key_pair(trusted, "alice")
+    key, _ = keyfiles.write_signing_key_pair(trusted, "alice")
     unsigned = run_sender(server.address[1], keys, tmp_path / "b.json", "--message", "anon")
     signed = run_sender(server.address[1], keys, tmp_path / "a.json", "--signing-key", str(key),
                         "--sender", "alice", "--key-reuse", "10", "--count", "3")
