@@ -77,6 +77,14 @@ def positive_int(text):
     return value
 
 
+def non_negative_int(text):
+    """argparse type: an integer of at least 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
 def configure_logging(verbose):
     """Library log lines on stderr: INFO with -v, else warnings only."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,

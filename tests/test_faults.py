@@ -39,16 +39,14 @@ from scripts import (
     PATIENCE,
     ScriptProcess,
     intact_ids,
-    load_script,
     receiver_args,
     script_env,
     sender_args,
 )
 
 from ciphermq import checker
+from ciphermq.receiver import CRASH_POINTS, CRASHED  # the CIPHERMQ_CRASH_AT test hook
 
-CRASH_POINTS = load_script("Receiver").CRASH_POINTS
-CRASHED = 70                    # the Receiver's exit status at a CIPHERMQ_CRASH_AT point
 #: The documented chaos rates (docs/CLIENTS.md), with a short delay to keep CI quick.
 CHAOS = "drop-ack=0.05,drop-confirm=0.05,drop-delivery=0.02,disconnect=0.01,delay-ms=0-5"
 ACK_LINE = "✅ [SENDER] Server ACK received"
