@@ -14,7 +14,7 @@ so the checkout stays clean.  Exit status 0 if every message arrived exactly
 once, 130 if interrupted.
 
 The last word is the checker's (:mod:`ciphermq.checker`): from the sender's
-status lines, its outbox and the receiver's output it counts what was
+``--record`` file, its outbox and the receiver's output it counts what was
 ACKed and what was stored, and says whether anything was lost or stored twice.
 
 Chaos mode (``--chaos SPEC``, see ``ciphermq/chaos.py``) makes the broker
@@ -220,13 +220,14 @@ def run(args, workdir, children, console):
          "--max-messages", str(count), *client_options, *verbose],
         workdir / "receiver.log", workdir)
     sender_logs = []
+    sender_record = workdir / "sender_record.json"
 
     def send(messages):
-        """One run of the sender (-v: the checker reads its per-message lines)."""
+        """One run of the sender: every status line shown (-v), every event in its record."""
         sender_logs.append(workdir / ("sender-%d.log" % (len(sender_logs) + 1)))
         command = [sys.executable, str(HERE / "Sender.py"), "--port", str(port),
                    "--public-key", str(public_key), "--outbox", str(outbox), "-v",
-                   *client_options, *messages]
+                   "--record", str(sender_record), *client_options, *messages]
         return finish(*start_script(children, console, command, sender_logs[-1], workdir),
                       timeout)
 
@@ -251,7 +252,7 @@ def run(args, workdir, children, console):
         print("   %s  %s  %s" % (record["timestamp"], record["message_id"], record["message"]))
     if args.chaos:
         print_recovery(console.faults_seen(), sender_logs, workdir / "receiver.log")
-    tally = checker.check(sender_logs, output, outboxes=[outbox])
+    tally = checker.check([sender_record], output, outboxes=[outbox])
     for line in tally.report():
         print(line)
     expected = args.count is not None or sorted(r["message"] for r in stored) == sorted(MESSAGES)

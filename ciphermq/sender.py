@@ -21,12 +21,12 @@ SIGINT/SIGTERM) stops new sends and lets the in-flight ones finish.
 """
 import collections
 import itertools
-import json
 import time
 
 from . import client
 from .errors import ConnectionLost, ServerError
 from .outbox import record
+from .store import JsonLinesFile
 
 ATTEMPTS = 3                # per message, and per reconnection, as the document says
 #: With more messages than this, one progress line replaces the per-message lines (-v: all).
@@ -34,26 +34,24 @@ EACH_LINE_UP_TO = 10
 ACCEPT_CHUNK = 1000         # new messages sealed and made durable per outbox fsync
 
 
-class Record:
+class Record(JsonLinesFile):
     """The ``--record`` file: one JSON line per event of a message, for the checker.
 
-    Events: ``attempted`` (a publish is about to be written), ``acked``
-    (``ACK <id>`` arrived, before the outbox forgets the message),
-    ``refused`` (the broker answered ``Error:``) and ``failed`` (out of
-    attempts; the message stays in the outbox).  Each line is flushed as it
-    is written, so a SIGKILL loses none and leaves at most a torn last line.
+    ``{"event": "attempted" | "acked" | "refused" | "failed", "message_id": ...}``:
+    attempted -- a publish is about to be written; acked -- ``ACK <id>``
+    arrived (written before the outbox forgets the message); refused -- the
+    broker answered ``Error:``; failed -- out of attempts, the message stays
+    in the outbox.  Runs append to one file.  Each line is flushed as it is
+    written, so a SIGKILL loses none; the torn last line a kill may leave is
+    cut off when the next run opens the file.  Raises OSError or CorruptFile
+    if the file cannot be used.
     """
 
-    def __init__(self, path):
-        self.path = path
-        self._file = open(path, "a", encoding="utf-8")
+    EVENTS = ("attempted", "acked", "refused", "failed")
 
-    def write(self, event, message_id):
-        self._file.write(json.dumps({"event": event, "message_id": message_id}) + "\n")
-        self._file.flush()
-
-    def close(self):
-        self._file.close()
+    def note(self, event, message_id):
+        self.append({"event": event, "message_id": message_id})
+        self.flush()
 
 
 class Pending:
@@ -90,7 +88,7 @@ class Report:
 
     def _note(self, event, pending):
         if self.record is not None:
-            self.record.write(event, pending.id)
+            self.record.note(event, pending.id)
 
     def sending(self, pending):
         self._note("attempted", pending)

@@ -1,4 +1,5 @@
 """bin/Sender.py as a process: every message ACKed once, through lost ACKs, kills and outages."""
+import json
 import os
 
 import pytest
@@ -12,7 +13,7 @@ from scripts import (
     sender_args,
 )
 
-from ciphermq import access
+from ciphermq import access, checker
 from ciphermq import keys as keyfiles
 from ciphermq.outbox import Outbox
 
@@ -62,6 +63,26 @@ def test_many_messages_give_a_progress_line_not_one_line_each(server, keys, tmp_
     assert result.returncode == 0, result.stderr
     assert "🚀" not in result.stdout and "✅" not in result.stdout
     assert "📊 [SENDER] 50 of 50 messages acknowledged" in result.stdout
+
+
+def test_the_record_names_every_message_attempted_and_acked_even_without_v(
+        server, keys, spawn, tmp_path):
+    """--record holds an attempted and an acked line for every message whatever -v says, and
+    the checker, reading it with the receiver's output, finds each message stored once."""
+    record, outbox, output = (tmp_path / name for name in ("record.json", "pending.json",
+                                                           "out.json"))
+    result = run_sender(server.address[1], keys, outbox, "--count", "30", "--record",
+                        str(record))
+    assert result.returncode == 0, result.stderr
+    assert "🚀" not in result.stdout, "no per-message stdout lines: the record stands alone"
+    events = [json.loads(line) for line in record.read_text(encoding="utf-8").splitlines()]
+    attempted = [e["message_id"] for e in events if e["event"] == "attempted"]
+    acked = [e["message_id"] for e in events if e["event"] == "acked"]
+    assert len(set(attempted)) == 30 and sorted(acked) == sorted(attempted)
+    records = receive_all(server.address[1], keys, spawn, output, 30)
+    tally = checker.check([record], output, outboxes=[outbox])
+    assert tally.ok and tally.acked == set(tally.stored) == set(attempted), tally.report()
+    assert len(records) == 30
 
 
 @pytest.mark.parametrize("window", [1, 8])
