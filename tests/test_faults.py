@@ -459,7 +459,8 @@ def test_checker_without_arguments_reads_the_files_of_make_send_and_make_receive
     assert result.returncode == 1, result.stdout + result.stderr
     assert "attempted 3, ACKed 1, stored 1" in result.stdout
     assert "never ACKed 2 (1 still held in an outbox)" in result.stdout
-    assert "❌ [CHECKER] 1 dropped" in result.stdout and result.stdout.rstrip().endswith(": dropped")
+    assert "❌ [CHECKER] 1 dropped" in result.stdout
+    assert result.stdout.rstrip().endswith(": dropped"), "the dropped id is named"
 
 
 # -- the tests: the matrix ------------------------------------------------------------------
