@@ -42,9 +42,9 @@ def connection_options(args):
     """
     try:
         return _connection_options(args)
-    except (OSError, ValueError) as exc:    # ssl.SSLError is an OSError
-        if isinstance(exc, UsageError):
-            raise
+    except UsageError:
+        raise
+    except (OSError, ValueError) as exc:    # unreadable files (ssl.SSLError too), a bad --auth
         raise UsageError(str(exc)) from None
 
 

@@ -198,6 +198,25 @@ def test_bad_keys_are_a_usage_error(tmp_path):
     assert not outbox.exists()
 
 
+@pytest.mark.parametrize("options", [
+    ["--token-file", "token.txt"],                      # without --auth
+    ["--auth", "alice", "--token-file", "missing.txt"],  # unreadable
+    ["--tls-ca", "missing-ca.pem"],
+    ["--signing-key", "missing.key", "--sender", "alice"],
+    ["--sender", "not a name"],
+    ["--file", "missing-messages.txt"],
+], ids=["token-without-auth", "token-missing", "tls-ca-missing", "signing-key-missing",
+        "bad-sender-name", "message-file-missing"])
+def test_unusable_options_exit_2_with_one_line_and_no_outbox(options, keys, tmp_path):
+    """Options that cannot be used -- a missing file, options that contradict each other --
+    are caught by name (UsageError, KeyFileError): exit 2, one line, no traceback, no outbox."""
+    outbox = tmp_path / "pending.json"
+    result = run_sender(free_port(), keys, outbox, *options, cwd=str(tmp_path))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith("❌ [SENDER]") and "Traceback" not in result.stderr
+    assert not outbox.exists()
+
+
 def test_tls_and_auth_options_reach_the_broker(start_server, certs, keys, spawn, tmp_path):
     """--tls-ca, --auth and --token-file make both scripts work with a TLS broker that
     requires authentication."""
