@@ -125,8 +125,8 @@ def main(argv=None):
         print("❌ [SENDER] %s" % exc, file=sys.stderr)
         return 2
     try:
+        record = Record(args.record) if args.record else None     # first: it changes nothing
         outbox = Outbox(args.outbox)
-        record = Record(args.record) if args.record else None
     except (OSError, CorruptFile) as exc:
         print("❌ [SENDER] cannot use the outbox or the record: %s" % exc, file=sys.stderr)
         return 1

@@ -272,7 +272,7 @@ class Receiver:
         A crash before 5 leaves the message unacked (the broker delivers it
         again, and 1 recognises it); a crash after 4 cannot lose it.
         """
-        opened = self._decrypt_new(batch)                                  # 2. decrypt
+        opened = self._decrypt_new(batch)       # 2. decrypt, all at once: ids not in the store
         to_ack, saved, rejected = [], [], False
         in_batch = set()                            # ids appended, not yet durable
         timestamp = _now()                          # one batch, one fsync: one time of storing
