@@ -29,8 +29,9 @@ $(KEYS)/receiver_private.pem:
 demo: install keys
 	$(PY) bin/demo.py $(ARGS)
 
+# Each run appends to sender_record.json: `python -m ciphermq.checker` then needs no arguments.
 send: install keys
-	$(PY) bin/Sender.py --host $(HOST) --port $(PORT) $(ARGS)
+	$(PY) bin/Sender.py --host $(HOST) --port $(PORT) --record sender_record.json $(ARGS)
 
 receive: install keys
 	$(PY) bin/Receiver.py --host $(HOST) --port $(PORT) $(ARGS)

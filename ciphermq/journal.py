@@ -66,7 +66,7 @@ import zlib
 from pathlib import Path
 
 from . import files
-from .errors import BrokerError, CipherMQError
+from .errors import JournalDamaged, JournalError, JournalWriteFailed, describe_os_error
 
 log = logging.getLogger(__name__)
 
@@ -79,43 +79,6 @@ DAMAGED_PREFIX = "journal.damaged"
 EXIT_DAMAGED = 4
 
 _FULL_DISK = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
-
-
-class JournalError(CipherMQError):
-    """The journal cannot be read, locked or written; the broker must not go on."""
-
-
-class JournalDamaged(JournalError):
-    """Damaged bytes with intact records after them: not a torn write, so nothing is cut."""
-
-    def __init__(self, path, damaged, intact_after):
-        self.path, self.damaged, self.intact_after = path, damaged, intact_after
-        start, end = damaged[0]
-        more = ""
-        if len(damaged) > 1:
-            more = " (and %d more damaged stretch(es))" % (len(damaged) - 1)
-        super().__init__(
-            "journal %s is damaged at offset %d: %d byte(s) fail their checksum%s, and %d intact "
-            "record(s) follow. This is not a torn write, so nothing was cut and the broker did "
-            "not start. To keep every intact record and move the damaged bytes aside into a new "
-            "%s.* file, start it again with --repair."
-            % (path, start, end - start, more, intact_after, DAMAGED_PREFIX))
-
-
-class JournalWriteFailed(JournalError, BrokerError):
-    """A journal write or fsync failed (full disk, I/O error): refuse what needs the disk.
-
-    Its text is the client's ``Error:`` line: ``journal write failed: <reason>``.
-    """
-
-    def __init__(self, cause):
-        self.cause = cause
-        super().__init__("journal write failed: %s" % describe(cause))
-
-
-def describe(exc):
-    """An OSError as a short reason: its strerror, without errno or path."""
-    return getattr(exc, "strerror", None) or str(exc)
 
 
 def encode(payload):
@@ -474,7 +437,7 @@ class Journal:
                 self._write_failed(exc, batch or [], upto)
                 if self._closing:
                     log.error("Journal %s: %d record(s) not written at close: %s",
-                              self.path, len(self._buffer), describe(exc))
+                              self.path, len(self._buffer), describe_os_error(exc))
                     return
 
     def _write_batch(self, batch, upto):
@@ -521,7 +484,7 @@ class Journal:
                 self._buffer[:0] = replaced
             self._compact_at = max(self._compact_at, 2 * self.file_bytes)
             log.warning("Journal compaction failed, the journal stays as it is (next try at "
-                        "%d bytes): %s", self._compact_at, describe(exc))
+                        "%d bytes): %s", self._compact_at, describe_os_error(exc))
             return
         # From here on the new file is journal.log: nothing may be written to the old one.
         old_fd, self._fd = self._fd, None
@@ -558,7 +521,7 @@ class Journal:
             self.advanced.notify_all()
         if first:
             log.error("Journal write failed (%s): publishes are refused and retried every "
-                      "%.1f s until a write succeeds", describe(exc), self.retry_interval)
+                      "%.1f s until a write succeeds", describe_os_error(exc), self.retry_interval)
 
     def _fail(self, exc):
         log.critical("Journal stopped, nothing more will be acknowledged: %s", exc)
@@ -587,8 +550,8 @@ class Journal:
 def _cannot(what, exc):
     """A start-up failure as one sentence that says when the disk is full."""
     if exc.errno in _FULL_DISK:
-        return "cannot %s: the disk is full (%s)" % (what, describe(exc))
-    return "cannot %s: %s" % (what, describe(exc))
+        return "cannot %s: the disk is full (%s)" % (what, describe_os_error(exc))
+    return "cannot %s: %s" % (what, describe_os_error(exc))
 
 
 def _free_bytes(directory):
@@ -606,7 +569,7 @@ def _close_quietly(fd):
     try:
         os.close(fd)
     except OSError as exc:
-        log.error("Closing a journal file failed: %s", describe(exc))
+        log.error("Closing a journal file failed: %s", describe_os_error(exc))
 
 
 def _remove_quietly(path):

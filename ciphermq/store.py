@@ -23,12 +23,7 @@ import tempfile
 from pathlib import Path
 
 from . import files
-from .errors import CipherMQError
-
-
-class CorruptFile(CipherMQError):
-    """A line other than the last is not a valid record: not a crash artefact, so
-    nothing is cut off and the owner refuses to go on (the file needs a human)."""
+from .errors import CorruptFile
 
 
 def encode(record):
