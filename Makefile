@@ -7,7 +7,7 @@ PORT   ?= 5672
 HTTP_PORT ?= 15672
 KEYS   ?= keys
 
-.PHONY: install run-server test lint clean keys demo send receive certs fuzz browser-deps
+.PHONY: install run-server test lint clean keys demo send receive certs fuzz browser-deps dashboard-screenshot
 
 install: $(VENV)/.installed
 
@@ -48,6 +48,10 @@ test: install
 browser-deps:
 	command -v chromium >/dev/null || { apt-get update && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
+
+# docs/dashboard.png: a minute of mixed traffic, then chromium --headless --screenshot.
+dashboard-screenshot: install browser-deps
+	$(PY) bench/dashboard_screenshot.py --out docs/dashboard.png $(ARGS)
 
 # 100,000 fuzzed lines beside a well-behaved client; exits 1 if a guarantee fails.
 fuzz: install
