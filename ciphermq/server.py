@@ -130,9 +130,9 @@ class BrokerServer(socketserver.ThreadingTCPServer):
         self._accept_thread = threading.Thread(
             target=self.serve_forever, kwargs={"poll_interval": 0.2}, name="ciphermq-accept")
         self._accept_thread.start()
-        log.info("CipherMQ broker listening on %s:%d", *self.address)
         if self.dashboard is not None:
             self.dashboard.start()
+        log.info("CipherMQ broker listening on %s:%d", *self.address)
         if self.chaos:
             log.warning("CHAOS MODE ON (%s, seed %s): faults will be injected on purpose",
                         self.chaos.spec, self.config.chaos_seed)

@@ -11,6 +11,7 @@ import threading
 
 import pytest
 from conftest import WAIT, Wire, envelope, parse_message, publish_line
+from processes import BrokerProcess
 from prometheus_client.parser import text_string_to_metric_families
 
 from ciphermq import access, metrics
@@ -357,3 +358,18 @@ def test_dashboard_is_off_unless_asked(start_server):
     server = start_server()
     assert server.dashboard is None
     assert "ciphermq-http" not in {t.name for t in threading.enumerate()}
+
+
+def test_http_port_flag_serves_the_dashboard_from_the_command_line():
+    """`python -m ciphermq.server --http-port 0` logs the dashboard's address, serves it,
+    and still stops cleanly on SIGTERM."""
+    broker = BrokerProcess("--http-port", "0")
+    try:
+        match = re.search(r"Dashboard on http://([\d.]+):(\d+)/", broker.log)
+        assert match, broker.log
+        address = (match.group(1), int(match.group(2)))
+        assert request(address, "/metrics")[0] == 200
+        assert b"<title>CipherMQ dashboard</title>" in request(address, "/")[2]
+        assert broker.stop() == 0
+    finally:
+        broker.close()
