@@ -66,9 +66,12 @@ class Dashboard:
         self.clock = clock          # request deadlines and samples (injectable for tests)
         self.sampler = metrics.RateSampler(lambda: read_stats()["totals"], clock,
                                            sample_interval, keep_samples)
-        self.http = DashboardServer((host, port), self, request_timeout=request_timeout,
-                                    max_request_bytes=max_request_bytes,
-                                    max_connections=max_connections)
+        try:
+            self.http = DashboardServer((host, port), self, request_timeout=request_timeout,
+                                        max_request_bytes=max_request_bytes,
+                                        max_connections=max_connections)
+        except OSError as exc:      # say which of the broker's two ports it was
+            raise OSError(exc.errno, "dashboard port %d: %s" % (port, exc.strerror)) from None
         self.page = load_page()
         self._thread = None
 

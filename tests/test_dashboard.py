@@ -353,6 +353,20 @@ def test_stop_joins_the_dashboard_threads_and_closes_its_port():
         socket.create_connection(address, timeout=WAIT)
 
 
+def test_busy_dashboard_port_fails_the_start_and_frees_the_broker_port():
+    """A dashboard port in use is an error naming it, and the broker port is released."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        with socket.socket() as probe:      # a free port for the broker, freed again
+            probe.bind(("127.0.0.1", 0))
+            broker_port = probe.getsockname()[1]
+        with pytest.raises(OSError, match="dashboard port %d" % busy):
+            BrokerServer(ServerConfig(port=broker_port, http_port=busy))
+        BrokerServer(ServerConfig(port=broker_port)).server_close()
+
+
 def test_dashboard_is_off_unless_asked(start_server):
     """Without http_port there is no dashboard and no HTTP thread."""
     server = start_server()
