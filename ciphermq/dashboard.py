@@ -21,9 +21,9 @@ its token, checked by :class:`~ciphermq.access.Users`, of a user allowed to
 Hostile clients: one connection serves one request (HTTP/1.0); the request
 line and headers together may be ``max_request_bytes`` long (``431``) and must
 arrive within ``request_timeout`` seconds of the connection, checked on every
-read (else the connection is closed, with an INFO line); at most ``max_connections`` are
-served at once; a client that drops its connection is an INFO line, never a
-traceback.
+read (else the connection is closed, with an INFO line); at most
+``max_connections`` are served at once; a client that drops its connection is
+an INFO line, never a traceback.
 """
 import base64
 import binascii

@@ -9,6 +9,8 @@ import pytest
 from browser import Browser, find_chromium
 from conftest import Wire, publish_line
 
+from ciphermq import access
+
 pytestmark = pytest.mark.timeout(120)
 
 #: The text of one cell of the queue table, or null while the row is missing.
@@ -91,3 +93,19 @@ def test_page_shows_queues_and_chart_and_follows_the_broker(dashboard_server, br
         }""" % CELL)
         assert done == {"consumers": "1", "connections": "2"}
 
+
+
+def test_page_works_with_users_when_the_browser_has_the_token(start_server, browser, tmp_path):
+    """With --users the page, opened with a user's token, fetches its numbers with the same
+    credentials (without them every request is a 401: tests/test_dashboard.py)."""
+    users = str(tmp_path / "users.json")
+    token = access.add_user(users, "root", ["*"], ["*"], True)
+    server = start_server(http_port=0, users_file=users)
+    host, port = server.dashboard.address
+    page = browser.open("http://root:%s@%s:%d/" % (token, host, port))
+    shown = browser.wait_until(page, """() => {
+        const cell = %s;
+        return cell("default_queue", "ready") === "0"
+            && document.getElementById("status").textContent;
+    }""" % CELL)
+    assert shown.startswith("live")
