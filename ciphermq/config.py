@@ -43,3 +43,7 @@ class ServerConfig:
     tls_client_ca: Optional[str] = None  # require client certificates signed by this CA
     chaos: Optional[str] = None          # fault injection spec (ciphermq/chaos.py); None: off
     chaos_seed: Optional[int] = None
+    http_port: Optional[int] = None      # the dashboard (ciphermq/dashboard.py); None: off
+    http_request_timeout: float = 10.0   # a dashboard request must arrive within this
+    http_max_request_bytes: int = 8192   # request line + headers, at most
+    http_max_connections: int = 32       # dashboard requests served at once

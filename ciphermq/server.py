@@ -8,9 +8,14 @@ With ``data_dir`` set, the broker first replays its journal (see
 :mod:`ciphermq.journal`) and then appends to it; without it, everything lives
 in memory, as in the design document, and a crash loses what is queued.
 
+With ``http_port`` set, a read-only dashboard (see :mod:`ciphermq.dashboard`)
+serves the stats over HTTP on the broker's host.
+
 Shutdown order (``stop()``), each step waiting for the one before:
 
-1. stop accepting: ``shutdown()`` ends ``serve_forever`` in the accept thread;
+1. stop accepting: the dashboard stops serving and sampling (``ciphermq-http``
+   and ``ciphermq-metrics`` joined), then ``shutdown()`` ends ``serve_forever``
+   in the accept thread;
 2. stop the redelivery timer;
 3. shut every open connection's socket down, so its reader sees EOF, hands its
    unacked messages back to the broker and stops its delivery thread;
@@ -31,6 +36,7 @@ from .broker import Broker
 from .chaos import Chaos, ChaosSpecError
 from .config import ServerConfig
 from .connection import Connection
+from .dashboard import Dashboard
 from .envelope import EnvelopeLimits
 from .journal import EXIT_DAMAGED, Journal, JournalDamaged, JournalError
 from .redelivery import RedeliveryTimer
@@ -81,9 +87,13 @@ class BrokerServer(socketserver.ThreadingTCPServer):
         self._stopping = False
         self._timer = RedeliveryTimer(self.broker)
         self._accept_thread = None
+        self.dashboard = None
         try:
             super().__init__((self.config.host, self.config.port), Connection)
+            if self.config.http_port is not None:
+                self.dashboard = self._make_dashboard()
         except OSError:
+            self.server_close()
             if self.journal is not None:
                 self.journal.close()
             raise
@@ -117,6 +127,20 @@ class BrokerServer(socketserver.ThreadingTCPServer):
             clock=clock,
             journal=self.journal)
 
+    def _make_dashboard(self):
+        config = self.config
+        return Dashboard(config.host, config.http_port, self._dashboard_stats, users=self.users,
+                         clock=self.broker.clock, request_timeout=config.http_request_timeout,
+                         max_request_bytes=config.http_max_request_bytes,
+                         max_connections=config.http_max_connections)
+
+    def _dashboard_stats(self):
+        """``Broker.stats()`` plus the number of open connections."""
+        stats = self.broker.stats()
+        with self._connections_lock:
+            stats["connections"] = len(self._connections)
+        return stats
+
     @property
     def address(self):
         """The ``(host, port)`` actually bound (the real port when asked for 0)."""
@@ -128,6 +152,8 @@ class BrokerServer(socketserver.ThreadingTCPServer):
         self._accept_thread = threading.Thread(
             target=self.serve_forever, kwargs={"poll_interval": 0.2}, name="ciphermq-accept")
         self._accept_thread.start()
+        if self.dashboard is not None:
+            self.dashboard.start()
         log.info("CipherMQ broker listening on %s:%d", *self.address)
         if self.chaos:
             log.warning("CHAOS MODE ON (%s, seed %s): faults will be injected on purpose",
@@ -136,6 +162,8 @@ class BrokerServer(socketserver.ThreadingTCPServer):
 
     def stop(self, timeout=5.0):
         """Stop in the documented order; safe twice, from any thread but the accept thread."""
+        if self.dashboard is not None:
+            self.dashboard.stop(timeout)
         if self._accept_thread is not None:
             self.shutdown()
             self._accept_thread.join(timeout)
@@ -264,6 +292,9 @@ def build_parser():
              "drop-delivery=0.02,disconnect=0.01,delay-ms=0-20 (default: off)")
     add("--chaos-seed", type=int, default=None, metavar="N",
         help="seed for --chaos, so a run can be repeated")
+    add("--http-port", type=int, default=None, metavar="PORT",
+        help="serve a read-only dashboard, /api/stats and Prometheus /metrics on this port "
+             "of --host; 0 = any free port, logged at start (default: off)")
     add("--log-level", default="INFO",
         choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="(default %(default)s)")
     add("--version", action="version", version="%(prog)s " + __version__)
