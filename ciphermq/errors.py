@@ -37,3 +37,7 @@ class DecryptionError(CipherMQError):
     Every cause raises this one class with the same message, so that a
     caller cannot be used as an oracle that tells the causes apart.
     """
+
+
+class MissingDependency(CipherMQError):
+    """An optional dependency (pika, for amqp:// URLs) is not installed; says how to install it."""
