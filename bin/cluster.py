@@ -33,20 +33,28 @@ def parse_args(argv):
                         help="the cluster's state directory (default %(default)s)")
     parser.add_argument("--size", type=int, default=3, help="nodes (default %(default)s)")
     parser.add_argument("--base-port", type=int, default=5681,
-                        help="AMQP port of node 1; node n listens on base+n-1, its Erlang "
-                             "distribution on 20000 above (default %(default)s)")
+                        help="AMQP port of node 1; node n listens on base+n-1 "
+                             "(default %(default)s)")
+    parser.add_argument("--dist-port", type=int,
+                        help="Erlang distribution port of node 1, likewise (default: 20000 "
+                             "above --base-port)")
     parser.add_argument("--epmd-port", type=int, default=4380,
                         help="port of the cluster's own epmd (default %(default)s; the "
                              "system's epmd keeps 4369)")
     args = parser.parse_args(argv)
     if not 1 <= args.size <= 9:
         parser.error("--size must be from 1 to 9")
+    if args.dist_port is None:
+        args.dist_port = args.base_port + 20000
+    for name, first in (("--base-port", args.base_port), ("--dist-port", args.dist_port)):
+        if not 1024 <= first <= 65536 - args.size:
+            parser.error("%s: node ports must lie from 1024 to 65535" % name)
     return args
 
 
 def start(args):
     cluster = rabbitmq_nodes.Cluster(args.dir, args.size, base_port=args.base_port,
-                                     epmd_port=args.epmd_port)
+                                     dist_base_port=args.dist_port, epmd_port=args.epmd_port)
     started = time.monotonic()
     print("🐇 [CLUSTER] starting %d RabbitMQ node(s), state in %s ..." % (args.size, args.dir),
           flush=True)

@@ -187,7 +187,8 @@ class Node:
         _wait_gone(self.beam_pid, STOP_TIMEOUT)
 
     def stop(self):
-        """Graceful stop via rabbitmqctl; SIGKILL our recorded pids if that fails."""
+        """Graceful stop via rabbitmqctl, waiting for our recorded pids to end; SIGKILL
+        whichever of them is still there after STOP_TIMEOUT."""
         alive = [pid for pid in (self.beam_pid, self.wrapper_pid)
                  if _is_ours(pid, self.cluster.directory)]
         if not alive:
@@ -197,24 +198,32 @@ class Node:
                            timeout=STOP_TIMEOUT, check=False, stdin=subprocess.DEVNULL,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
-            log.warning("RabbitMQ node %s did not stop in time; killing it", self.name)
+            log.warning("rabbitmqctl could not stop node %s in time", self.name)
+        if self.server is not None:         # ours since this process started it: reap it
+            try:
+                self.server.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                pass
         for pid in alive:
-            _kill_ours(pid, self.cluster.directory)
+            if not _wait_gone(pid, STOP_TIMEOUT):
+                log.warning("RabbitMQ node %s (pid %d) did not stop; killing it", self.name, pid)
+                _kill_ours(pid, self.cluster.directory)
+                _wait_gone(pid, STOP_TIMEOUT)
         if self.server is not None:
             self.server.wait(STOP_TIMEOUT)
-        for pid in alive:
-            _wait_gone(pid, STOP_TIMEOUT)
 
 
 class Cluster:
     """``size`` RabbitMQ nodes clustered on loopback, state under ``directory``.
 
-    ``base_port`` gives node n the AMQP port ``base_port + n - 1`` and the
-    distribution port 20000 above it; without it every port is picked free.
+    ``base_port`` gives node n the AMQP port ``base_port + n - 1``, and
+    ``dist_base_port`` its Erlang distribution port likewise; ports not given
+    are picked free.
     Use :meth:`start` and :meth:`stop`, or the :func:`running` context manager.
     """
 
-    def __init__(self, directory, size=3, base_port=None, epmd_port=None, prefix="ciphermq"):
+    def __init__(self, directory, size=3, base_port=None, epmd_port=None, prefix="ciphermq",
+                 dist_base_port=None):
         self.directory = os.path.abspath(directory)
         self.home = os.path.join(self.directory, "home")
         self.prefix = prefix
@@ -223,10 +232,8 @@ class Cluster:
         self.epmd_pid = None
         self.nodes = []
         for index in range(1, size + 1):
-            if base_port:
-                port, dist_port = base_port + index - 1, base_port + index - 1 + 20000
-            else:
-                port, dist_port = free_port(), free_port()
+            port = base_port + index - 1 if base_port else free_port()
+            dist_port = dist_base_port + index - 1 if dist_base_port else free_port()
             self.nodes.append(Node(self, index, port, dist_port))
 
     @property
