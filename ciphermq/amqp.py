@@ -94,7 +94,7 @@ class Topology(NamedTuple):
         return self
 
     def queue_arguments(self):
-        """The quorum queue's arguments: delivery limit and dead-letter target.
+        """The quorum queue's arguments: delivery limit and dead-letter target, at least once.
 
         RabbitMQ counts a delivery against ``x-delivery-limit`` when it comes
         back unacked, and dead-letters it once that count *exceeds* the limit:
@@ -104,7 +104,12 @@ class Topology(NamedTuple):
         return {"x-queue-type": "quorum",
                 "x-delivery-limit": self.max_deliveries - 1,
                 "x-dead-letter-exchange": "",           # the default exchange: by queue name
-                "x-dead-letter-routing-key": self.dead_queue}
+                "x-dead-letter-routing-key": self.dead_queue,
+                # RabbitMQ's default drops a dead-letter the target cannot take at once
+                # (at-most-once); at-least-once keeps it until <queue>.dead confirms it,
+                # and needs reject-publish for when the queue is full.
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish"}
 
 
 class Reply:
