@@ -9,8 +9,9 @@ sender's outbox and window and the receiver's store-then-ack work unchanged, plu
 How CipherMQ's promises map onto RabbitMQ:
 
 * ``ACK <id>`` is a **publisher confirm**.  Every publish is ``mandatory``: a message
-  no queue would take comes back as an error (ServerError), never a silent drop;
-  a nack is a ServerError too, and the sender retries.
+  no queue would take comes back as an error (ServerError), never a silent drop.
+  A nack ends the connection (ConnectionLost): the sender reconnects and sends the
+  message again, on a fresh channel (see ``_publish`` for why).
 * The envelope JSON is the message body byte for byte; its id is also the AMQP
   ``message_id``; delivery mode 2 (persistent).
 * ``ACK_CONFIRMED <id>`` means the ``basic.ack`` has been written to the socket.
@@ -437,8 +438,12 @@ class AmqpClient:
                     "message %s is unroutable: exchange %s has no queue for routing key %s"
                     % (message_id, exchange, routing_key)))
             except pika.exceptions.NackError:
-                reply._resolve(error=ServerError(
-                    "RabbitMQ refused (nacked) message %s; send it again" % message_id))
+                # Seen on RabbitMQ 3.10: a channel that publishes while a quorum queue
+                # elects a new leader goes on nacking after the election.  A fresh
+                # channel does not, so a nack ends the connection and the sender,
+                # reconnecting, sends the message again.
+                raise ConnectionLost("RabbitMQ nacked message %s; reconnecting to send it "
+                                     "again on a fresh channel" % message_id) from None
             else:
                 reply._resolve("ACK %s" % message_id)
 

@@ -10,7 +10,7 @@ port 5672):
   every process id we started;
 * its own ``epmd`` on its own port, so nothing of anyone else's is touched;
 * node names ``<prefix><n>@localhost``; AMQP and Erlang distribution ports on
-  127.0.0.1, chosen by the caller or picked free by binding to port 0.
+  127.0.0.1, chosen by the caller or picked free below the kernel's ephemeral range.
 
 Nodes after the first join it at boot (peer discovery from the config file), so
 the cluster forms without ``rabbitmqctl join_cluster``.  Started again on the same
@@ -30,6 +30,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import select
 import shutil
 import signal
@@ -78,10 +79,31 @@ def check_installed():
 
 
 def free_port():
-    """A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0, read it back)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 that was free a moment ago, below the ephemeral range.
+
+    A node binds its ports seconds after they are picked.  A port from bind(0) lies
+    in the kernel's ephemeral range, which every outgoing connection on the machine
+    draws from, so on a busy machine it was sometimes taken by then; a port below
+    that range is only ever taken by someone binding it on purpose.
+    """
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RabbitMQUnavailable("no free port found below %d" % low)
+
+
+def _ephemeral_low():
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as file:
+            return int(file.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 class Node:

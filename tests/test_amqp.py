@@ -111,6 +111,31 @@ def test_a_window_of_publishes_is_acked_in_order(node, clients, topology):
     assert queue_length(node, topology.queue) == 50
 
 
+def test_a_nack_ends_the_connection_so_the_message_is_sent_again(node, clients):
+    """A nacked publish fails with ConnectionLost (the sender reconnects and resends); the
+    connection ends, and a publish confirmed before keeps its ACK."""
+    import pika
+    name = "full-%s" % uuid.uuid4().hex[:8]
+    connection = pika.BlockingConnection(pika.ConnectionParameters(host=node.host,
+                                                                   port=node.port))
+    connection.channel().queue_declare(name, durable=True, arguments={
+        "x-queue-type": "quorum", "x-max-length": 1, "x-overflow": "reject-publish"})
+    connection.close()
+    client = clients(node)
+    sent = [envelope() for _ in range(20)]     # the limit is soft: a few may get past it
+    replies = client.publish_many([("", name, e) for e in sent])
+    assert replies[0].result(WAIT) == "ACK %s" % sent[0]["message_id"]
+    outcomes = []
+    for reply in replies[1:]:
+        try:
+            outcomes.append(reply.result(WAIT))
+        except ConnectionLost as exc:
+            outcomes.append(str(exc))
+    nacked = [text for text in outcomes if "nacked message" in text]
+    assert nacked, outcomes
+    assert client.deliveries.get(timeout=WAIT) is None and client.lost
+
+
 # -- topology -----------------------------------------------------------------------------
 
 def test_topology_is_a_quorum_queue_declared_idempotently(node, clients, topology):
