@@ -9,8 +9,8 @@ their names, ports and process ids, and ``stop`` signals only those (see
 ciphermq/rabbitmq_nodes.py).  ``start`` prints one ``--url`` per node: give them
 all to bin/Sender.py and bin/Receiver.py for failover.
 
-Exit status: 0 on success; 1 if RabbitMQ is missing, did not start, or no
-cluster is recorded.
+Exit status: 0 on success; 1 if RabbitMQ is missing, did not start, not every
+node is a running member, or no cluster is recorded.
 """
 import argparse
 import subprocess
@@ -60,8 +60,7 @@ def start(args):
           flush=True)
     cluster.start()
     print("✅ [CLUSTER] %d node(s) up in %.1f s" % (args.size, time.monotonic() - started))
-    show(cluster)
-    return 0
+    return show(cluster)
 
 
 def show(cluster):

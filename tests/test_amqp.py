@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 from conftest import envelope
-from rabbitmq import amqp_urls
+from rabbitmq import amqp_urls, unavailable
 
 from ciphermq import rabbitmq_nodes
 from ciphermq.amqp import AmqpClient, Topology, connect, require_pika
@@ -333,6 +333,16 @@ def test_missing_pika_says_how_to_install_it():
                          check=True).stdout
     assert "pip install -e '.[amqp]'" in out
     assert require_pika() is not None and issubclass(MissingDependency, Exception)
+
+
+def test_missing_rabbitmq_fails_under_ci_and_skips_elsewhere(monkeypatch):
+    """The fixtures' verdict on a missing RabbitMQ: a failure under CI=true, a skip otherwise."""
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true"):
+        unavailable("no rabbitmq-server")
+    monkeypatch.setenv("CI", "false")
+    with pytest.raises(pytest.skip.Exception, match="no rabbitmq-server"):
+        unavailable("no rabbitmq-server")
 
 
 # -- the cluster ----------------------------------------------------------------------------
