@@ -1,11 +1,14 @@
 """Run one lesson of docs/TUTORIAL.md:  python bin/lesson.py N   (no N: list them).
 
+    python bin/lesson.py 5 --http-port 15672 --hold   # watch it on the dashboard, then Enter
+
 Each lesson starts the brokers, receivers and senders it needs on free ports
 in a temporary directory, shows what happens, prints a ``✅ [LESSON N]`` line
 for what it proved, and stops and removes everything it started.  Exit
 status 0 if the lesson's point held, 1 if not, 2 for an unknown lesson.
 The lessons themselves are short functions in bin/lessons/.
 """
+import argparse
 import sys
 from pathlib import Path
 
@@ -34,26 +37,36 @@ LESSONS = {
 }
 
 
+def title(lesson):
+    return lesson.__doc__.split(". ", 1)[1].split("\n")[0]
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:
+    parser = argparse.ArgumentParser(prog="lesson.py", description=__doc__.split("\n")[0])
+    parser.add_argument("number", nargs="?", type=int, help="the lesson (none: list them)")
+    parser.add_argument("--http-port", type=int, metavar="PORT",
+                        help="give the lesson's brokers a dashboard on this port, e.g. 15672")
+    parser.add_argument("--hold", action="store_true",
+                        help="keep everything running after the lesson until Enter is pressed")
+    args = parser.parse_args(argv)
+    if args.number is None:
         for number, lesson in LESSONS.items():
-            print("%2d  %s" % (number, lesson.__doc__.split(". ", 1)[1].split("\n")[0]))
+            print("%2d  %s" % (number, title(lesson)))
         return 0
-    try:
-        lesson = LESSONS[int(argv[0])]
-    except (ValueError, KeyError):
-        print("Error: no lesson %r (there are lessons 1 to %d)" % (argv[0], len(LESSONS)),
+    lesson = LESSONS.get(args.number)
+    if lesson is None:
+        print("Error: no lesson %d (there are lessons 1 to %d)" % (args.number, len(LESSONS)),
               file=sys.stderr)
         return 2
-    print("📖 [LESSON %s] %s" % (argv[0], lesson.__doc__.split(". ", 1)[1].split("\n")[0]),
-          flush=True)
-    with Stage(int(argv[0])) as stage:
+    print("📖 [LESSON %d] %s" % (args.number, title(lesson)), flush=True)
+    with Stage(args.number, http_port=args.http_port) as stage:
         try:
             lesson(stage)
         except LessonFailed as exc:
-            print("❌ [LESSON %s] %s" % (argv[0], exc), flush=True)
+            print("❌ [LESSON %d] %s" % (args.number, exc), flush=True)
             return 1
+        if args.hold:
+            input("⏸️ [LESSON %d] Still running; press Enter to stop everything " % args.number)
     return 0
 
 

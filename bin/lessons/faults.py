@@ -11,11 +11,13 @@ CHAOS = "drop-ack=0.05,drop-confirm=0.05,drop-delivery=0.03,disconnect=0.01"
 def chaos(stage):
     """8. Chaos mode: a broker that drops ACKs, pushes and connections on purpose."""
     stage.keys()
-    stage.say("bin/demo.py with --chaos %s (add --http-port 15672 to watch it live)" % CHAOS)
+    stage.say("bin/demo.py with --chaos %s" % CHAOS)
+    dashboard = ("--http-port", str(stage.http_port)) if stage.http_port else ()
     lines = stage.run("demo.py", "--keys", str(stage.dir), "--count", "60", "--chaos", CHAOS,
-                      "--chaos-seed", "7", "--broker-arg=--redelivery-interval=1", show=False)
+                      "--chaos-seed", "7", "--broker-arg=--redelivery-interval=1", *dashboard,
+                      show=False)
     for line in lines:
-        if line.startswith(("💥 [DEMO]", "🔁 [DEMO]", "📋 [CHECKER]", "✅ [CHECKER]")):
+        if line.startswith(("📊 [DEMO]", "💥 [DEMO]", "🔁 [DEMO]", "📋 [CHECKER]", "✅ [CHECKER]")):
             print("   " + line, flush=True)
     injected = sum(1 for line in lines if line.startswith("💥 [BROKER]"))
     stage.proves(injected > 0 and any("0 lost, 0 duplicated" in line for line in lines),

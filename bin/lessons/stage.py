@@ -83,8 +83,9 @@ class Broker(Process):
 class Stage:
     """One lesson's world; use as a context manager."""
 
-    def __init__(self, number):
+    def __init__(self, number, http_port=None):
         self.number = number
+        self.http_port = http_port      # give every broker this dashboard port (one at a time)
         self.dir = Path(tempfile.mkdtemp(prefix="ciphermq-lesson-%d-" % number))
         self._children = []
 
@@ -121,9 +122,12 @@ class Stage:
         return private, public
 
     def broker(self, *options):
-        broker = Broker(self.dir, *options)
+        dashboard = ("--http-port", str(self.http_port)) if self.http_port else ()
+        broker = Broker(self.dir, *options, *dashboard)
         self._children.append(broker)
         self.say("broker listening on 127.0.0.1:%d %s" % (broker.port, " ".join(options)))
+        if self.http_port:
+            self.say("📊 its dashboard: http://127.0.0.1:%d/" % self.http_port)
         return broker
 
     def start(self, script, *args):
