@@ -41,7 +41,8 @@ def dead_server(start_server):
 
 
 def test_queues_lists_every_queue_with_its_counts(dead_server, connect):
-    """`queues` prints one line per queue, dead-letter queues included, with ready/unacked/consumers."""
+    """`queues` prints one line per queue, dead-letter queues included, with
+    ready/unacked/consumers."""
     wire = connect(dead_server.address)
     publish(wire, 3)
     dead_letter(wire, "m0")
@@ -176,7 +177,7 @@ def test_purge_and_requeue_are_journaled_and_replayed(broker_process, tmp_path):
         for number in range(3):
             assert wire.call(publish_line("%s%d" % (queue, number), key="key-" + queue)
                              ).startswith("ACK")
-        for number in range(2):     # two of each queue's three dead-lettered
+        for _ in range(2):          # two of each queue's three dead-lettered
             message_id, _ = parse_message(wire.call("fetch %s" % queue))
             wire.call("nack %s" % message_id)
     assert admin(first.address, "requeue-dead", "a").returncode == 0
@@ -207,3 +208,14 @@ def test_requeue_dead_hands_messages_to_waiting_consumers():
     assert broker.take_pushes(session) == []
     assert broker.requeue_dead("default_queue") == 1
     assert broker.take_pushes(session) == [("m0", b"{}", 1)]
+
+
+def test_access_add_admin_grants_the_admin_right(tmp_path):
+    """`python -m ciphermq.access add FILE NAME --admin` writes a user holding the admin right,
+    and a user added without it lacks it."""
+    path = tmp_path / "users.json"
+    for name, flags in (("boss", ["--admin"]), ("alice", [])):
+        subprocess.run([sys.executable, "-m", "ciphermq.access", "add", str(path), name, *flags],
+                       check=True, capture_output=True, timeout=PATIENCE)
+    rights = {user["name"]: user["admin"] for user in json.loads(path.read_text())["users"]}
+    assert rights == {"boss": True, "alice": False}

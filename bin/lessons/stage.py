@@ -53,7 +53,8 @@ class Process:
             try:
                 line = self._new.get(timeout=timeout)
             except queue.Empty:
-                raise LessonFailed("no line matching %r within %.0f s" % (pattern, timeout))
+                raise LessonFailed("no line matching %r within %.0f s"
+                                   % (pattern, timeout)) from None
             if line is None:
                 raise LessonFailed("the process ended before printing %r" % pattern)
             match = re.search(pattern, line)
