@@ -425,6 +425,8 @@ class Broker:
         """
         with self.mutex:
             queue = self._queue(queue_name)
+            if self.journal is not None:
+                self.journal.check_writable()   # a disk refusing writes refuses it up front
             purged, queue.ready = list(queue.ready), collections.deque()
             for message in purged:
                 self._forget_copy(message, journal=False)
@@ -446,6 +448,8 @@ class Broker:
                                   % queue_name)
             queue = self._queue(queue_name)
             dead = self._queue(queue_name + DEAD_SUFFIX)
+            if self.journal is not None:
+                self.journal.check_writable()
             moved, dead.ready = list(dead.ready), collections.deque()
             for message in moved:
                 queue.ready.append(Message(message.id, message.body, queue))

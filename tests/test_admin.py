@@ -219,3 +219,22 @@ def test_access_add_admin_grants_the_admin_right(tmp_path):
                        check=True, capture_output=True, timeout=PATIENCE)
     rights = {user["name"]: user["admin"] for user in json.loads(path.read_text())["users"]}
     assert rights == {"boss": True, "alice": False}
+
+
+def test_purge_and_requeue_are_refused_while_the_journal_cannot_write(start_server, tmp_path,
+                                                                      monkeypatch, connect):
+    """While the journal's disk refuses writes, purge and requeue_dead answer
+    'Error: journal write failed' and change nothing."""
+    from test_journal_faults import FailingDisk
+    server = start_server(data_dir=str(tmp_path / "data"), journal_retry_interval=0.05,
+                          max_deliveries=1)
+    wire = connect(server.address)
+    publish(wire, 2)
+    dead_letter(wire, "m0")
+    disk = FailingDisk(monkeypatch)
+    disk.full.set()
+    assert wire.call(publish_line("during")).startswith("Error: journal write failed")
+    before = json.loads(wire.call("stats"))["queues"]
+    for command in ("purge default_queue", "requeue_dead default_queue"):
+        assert wire.call(command).startswith("Error: journal write failed"), command
+    assert json.loads(wire.call("stats"))["queues"] == before
