@@ -116,8 +116,7 @@ def main(argv=None, out=None):
     args.stop = cli.stop_on_signals() if args.command == "watch" else None
     try:
         options = cli.connection_options(args)
-        with Client(options["host"], options["port"], tls_context=options["tls_context"],
-                    auth=options["auth"], heartbeat=None) as client:
+        with Client(**options) as client:
             return run(args, client, out)
     except (CipherMQError, TimeoutError) as exc:
         print("Error: %s" % exc, file=sys.stderr)

@@ -238,3 +238,18 @@ def test_purge_and_requeue_are_refused_while_the_journal_cannot_write(start_serv
     for command in ("purge default_queue", "requeue_dead default_queue"):
         assert wire.call(command).startswith("Error: journal write failed"), command
     assert json.loads(wire.call("stats"))["queues"] == before
+
+
+def test_admin_speaks_tls_with_the_scripts_options(start_server, certs):
+    """With --tls-ca the CLI talks to a TLS broker, and without it gets an Error, not an answer."""
+    out, _ = certs
+    server = start_server(tls_cert=str(out / "server.pem"), tls_key=str(out / "server.key"))
+    done = subprocess.run([sys.executable, "-m", "ciphermq.admin", "--port",
+                           str(server.address[1]), "--tls-ca", str(out / "ca.pem"), "queues"],
+                          capture_output=True, text=True, timeout=PATIENCE)
+    assert done.returncode == 0, done.stderr
+    assert "default_queue" in done.stdout
+    plain = subprocess.run([sys.executable, "-m", "ciphermq.admin", "--port",
+                            str(server.address[1]), "--heartbeat", "1", "queues"],
+                           capture_output=True, text=True, timeout=PATIENCE)
+    assert plain.returncode == 1 and plain.stderr.startswith("Error: ")
