@@ -7,7 +7,8 @@ PORT   ?= 5672
 HTTP_PORT ?= 15672
 KEYS   ?= keys
 
-.PHONY: install run-server test lint clean keys demo send receive certs fuzz browser-deps dashboard-screenshot
+.PHONY: install run-server test lint clean keys demo send receive certs fuzz browser-deps dashboard-screenshot \
+        lesson
 
 install: $(VENV)/.installed
 
@@ -53,6 +54,11 @@ browser-deps:
 # docs/dashboard.png: a minute of mixed traffic, then chromium --headless --screenshot.
 dashboard-screenshot: install browser-deps
 	$(PY) bench/dashboard_screenshot.py --out docs/dashboard.png $(ARGS)
+
+# docs/TUTORIAL.md, one lesson at a time: make lesson N=3 (no N: the list).  ARGS='--http-port
+# 15672 --hold' gives the lesson's brokers a dashboard and keeps them up until Enter.
+lesson: install
+	$(PY) bin/lesson.py $(N) $(ARGS)
 
 # 100,000 fuzzed lines beside a well-behaved client; exits 1 if a guarantee fails.
 fuzz: install
@@ -106,9 +112,13 @@ faults: install keys
 
 # Broker in chaos mode + receiver + 200 messages: watch the retries, redeliveries and dedup,
 # then the checker's verdict.  Stops everything it started, also on Ctrl-C.
+# DEMO_HTTP_PORT= (empty) runs it without the dashboard.
+DEMO_HTTP_PORT ?= 15672
+
 chaos-demo: install keys
 	$(PY) bin/demo.py --count 200 -v --chaos $(CHAOS) --chaos-seed $(CHAOS_SEED) \
-	  --broker-arg=--redelivery-interval=2 $(ARGS)
+	  --broker-arg=--redelivery-interval=2 $(if $(DEMO_HTTP_PORT),--http-port $(DEMO_HTTP_PORT)) \
+	  $(ARGS)
 # ------------------------------------------------------------------------ end fault matrix
 
 # ---------------------------------------------------------------------------------------
