@@ -87,16 +87,26 @@ class Wire:
         raise AssertionError("unexpected line: %r" % line)
 
     def closed_by_peer(self, timeout=WAIT):
-        """True once the broker has closed this connection (EOF or reset)."""
+        """The bytes the broker sent before it closed this connection (EOF or reset).
+
+        Raises AssertionError if it is still open after ``timeout``.  Returning
+        what arrived lets a test assert the close came *instead of* a reply
+        (``assert b"ACK" not in client.closed_by_peer()``), not merely after one.
+        """
+        received = self._buffer
+        self._buffer = b""
         self.sock.settimeout(timeout)
         try:
             while True:
-                if not self.sock.recv(65536):
-                    return True
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return received
+                received += chunk
         except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
-            return True
+            return received
         except socket.timeout:
-            return False
+            raise AssertionError("still open after %.1f s; received %r"
+                                 % (timeout, received)) from None
 
     def close(self):
         self.sock.close()

@@ -4,7 +4,7 @@ import socket
 import threading
 
 import pytest
-from conftest import WAIT, Wire, envelope, parse_message, publish_line
+from conftest import WAIT, FakeClock, Wire, envelope, parse_message, publish_line
 
 from ciphermq.config import ServerConfig
 from ciphermq.server import BrokerServer
@@ -310,6 +310,30 @@ def test_foreign_ack_is_refused_and_changes_nothing(connect):
     assert owner.call("ack own-1") == "ACK_CONFIRMED own-1"
 
 
+def test_a_late_ack_from_a_consumer_that_lost_the_message_is_refused(start_server):
+    """Stale ack: once an unacked message is taken back and handed to another consumer, the
+    first consumer's late ack is refused and the new holder's ack is the one that counts."""
+    clock = FakeClock()
+    server = start_server(redelivery_interval=30.0, clock=clock)
+    slow, other = Wire(server.address), Wire(server.address)
+    try:
+        assert slow.call(publish_line("stale-1").strip()) == "ACK stale-1"
+        message_id, body = parse_message(slow.call("fetch default_queue"))
+        assert (message_id, body["delivery_count"]) == ("stale-1", 1)
+        clock.advance(31)
+        server.broker.retry_unacknowledged()        # what the timer does when it is due
+        message_id, body = parse_message(other.call("fetch default_queue"))
+        assert (message_id, body["delivery_count"]) == ("stale-1", 2)
+        assert slow.call("ack stale-1") == \
+            "Error: message 'stale-1' is not delivered to this connection"
+        queue = json.loads(slow.call("stats"))["queues"]["default_queue"]
+        assert (queue["ready"], queue["unacked"]) == (0, 1), "the late ack took the message"
+        assert other.call("ack stale-1") == "ACK_CONFIRMED stale-1"
+    finally:
+        slow.close()
+        other.close()
+
+
 def test_repeated_ack_is_confirmed_again(connect):
     """The receiver's retry after a lost confirmation gets ACK_CONFIRMED again."""
     client = connect()
@@ -388,7 +412,7 @@ def test_connections_beyond_the_limit_are_refused_cleanly(start_server):
         assert first.call("ping") == second.call("ping") == "PONG"
         third = Wire(server.address)
         assert third.text() == "Error: too many connections (max 2)"
-        assert third.closed_by_peer()
+        assert third.closed_by_peer() == b""
         third.close()
         assert first.call("ping") == "PONG"
     finally:
@@ -406,7 +430,8 @@ def test_clean_shutdown_leaves_no_thread_running():
     publisher.call(publish_line("bye-2").strip())
     parse_message(consumer.line())
     server.stop()
-    assert consumer.closed_by_peer() and publisher.closed_by_peer()
+    assert consumer.closed_by_peer() == b""
+    assert publisher.closed_by_peer() == b""
     leftover = [t for t in threading.enumerate() if t not in before and t.is_alive()]
     assert leftover == []
     consumer.close()
