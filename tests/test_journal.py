@@ -4,7 +4,7 @@ import os
 import threading
 
 import pytest
-from conftest import WAIT, Wire, parse_message, publish_line
+from conftest import Wire, parse_message, publish_line
 
 from ciphermq import journal as journal_module
 from ciphermq import recovery
