@@ -39,7 +39,9 @@ def drain(broker):
         ready = json.loads(client.call("stats"))["queues"]["default_queue"]["ready"]
         client.call("consume default_queue 0")
         ids = [parse_message(client.line())[0] for _ in range(ready)]
-        client.expect_nothing(0.2)
+        pushed, queue = client.settled()
+        ids += [parse_message(line)[0] for line in pushed]
+        assert (queue["ready"], queue["unacked"]) == (0, len(ids)), "more than stats said"
         return ids
     finally:
         client.close()

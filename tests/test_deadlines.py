@@ -8,7 +8,7 @@ import ssl
 import threading
 
 import pytest
-from conftest import WAIT, FakeClock, Wire
+from conftest import WAIT, FakeClock, Wire, publish_line
 
 from ciphermq import access
 from ciphermq.config import ServerConfig
@@ -185,8 +185,11 @@ def test_line_deadline_runs_on_the_servers_clock(start_server):
     try:
         client.send(b"ping\npublish")           # one read: the line starts as PONG is sent
         assert client.text() == "PONG"
-        client.send(b" default_exchange")       # within the deadline: still going
-        client.expect_nothing(0.2)
+        clock.advance(29)
+        client.send(b" default_exchange")       # within the deadline: still going...
+        client.send(publish_line("in-time")[len("publish default_exchange"):])
+        assert client.text() == "ACK in-time"   # ...as its reply shows
+        client.send(b"publish")                 # the next line starts
         clock.advance(31)
         client.send(b" default_key")            # the next byte finds the deadline passed
         assert client.closed_by_peer() == b""
@@ -221,7 +224,7 @@ def test_idle_deadline_runs_on_the_servers_clock(start_server):
     try:
         assert client.call("ping") == "PONG"    # heard: the idle clock starts now
         clock.advance(599)
-        client.expect_nothing(1.5)              # more than a read tick: checked, and kept
+        assert clock.wait_for_reads(2)          # the connection looked at the time: kept
         assert client.call("ping") == "PONG"
         clock.advance(601)
         assert client.closed_by_peer() == b""

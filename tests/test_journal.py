@@ -157,7 +157,8 @@ def test_restart_restores_queues_bindings_messages_and_dedup(durable_server):
         client.call("consume default_queue")
         got = [parse_message(client.line()) for _ in range(2)]
         assert [message_id for message_id, _ in got] == ["r-2", "r-3"]
-        client.expect_nothing(0.2)
+        pushed, queue = client.settled()
+        assert pushed == [] and (queue["ready"], queue["unacked"]) == (0, 2)
     finally:
         client.close()
 
