@@ -189,7 +189,8 @@ def test_line_deadline_runs_on_the_servers_clock(start_server):
         client.send(b" default_exchange")       # within the deadline: still going...
         client.send(publish_line("in-time")[len("publish default_exchange"):])
         assert client.text() == "ACK in-time"   # ...as its reply shows
-        client.send(b"publish")                 # the next line starts
+        client.send(b"ping\npublish")           # the next line starts, in the read PONG shows
+        assert client.text() == "PONG"
         clock.advance(31)
         client.send(b" default_key")            # the next byte finds the deadline passed
         assert client.closed_by_peer() == b""
