@@ -71,6 +71,14 @@ MUTANTS = [
              "            self._must_sync = True  # even a duplicate",
              "            self._must_sync = False  # even a duplicate"),),
            ("tests/test_journal.py::test_ack_is_sent_only_after_the_record_is_fsynced",)),
+    Mutant("journal-failure-acks",
+           "a publish the journal never wrote is never ACKed, even when the journal has died",
+           (("ciphermq/connection.py",
+             '            log.error("Closing %s without replies: %s", self.peer, exc)\n'
+             "            self._replies = []\n            self.close()\n            return False",
+             "            return True"),),
+           ("tests/test_journal_faults.py"
+            "::test_a_journal_stopped_for_good_closes_the_publisher_without_an_ack",)),
     Mutant("foreign-ack-accepted",
            "only the connection a message was delivered to may ack it",
            (("ciphermq/broker.py",
