@@ -41,7 +41,7 @@ receive: install keys
 certs: install
 	$(PY) bin/certs.py --out-dir certs --client alice
 
-# The quick suite (about 2.5 min here): everything but the tests marked `slow`, which
+# The quick suite (about 3 min here): everything but the tests marked `slow`, which
 # setup.cfg deselects by default.  test-slow runs only those (the larger fault-matrix slice,
 # 10,000 messages with 20 receiver SIGKILLs; under a minute here); test-all runs both at once.
 test: install
