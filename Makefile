@@ -43,7 +43,7 @@ certs: install
 
 # The quick suite (about 3 min here): everything but the tests marked `slow`, which
 # setup.cfg deselects by default.  test-slow runs only those (the larger fault-matrix slice,
-# 10,000 messages with 20 receiver SIGKILLs; under a minute here); test-all runs both at once.
+# 10,000 messages with 20 receiver SIGKILLs; 1-1.5 min here); test-all runs both at once.
 test: install
 	$(PY) -m pytest $(ARGS)
 
