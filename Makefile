@@ -7,8 +7,8 @@ PORT   ?= 5672
 HTTP_PORT ?= 15672
 KEYS   ?= keys
 
-.PHONY: install run-server test lint clean keys demo send receive certs fuzz browser-deps dashboard-screenshot \
-        lesson
+.PHONY: install run-server test test-slow test-all mutants lint clean keys demo send receive certs fuzz \
+        browser-deps dashboard-screenshot lesson
 
 install: $(VENV)/.installed
 
@@ -42,8 +42,22 @@ receive: install keys
 certs: install
 	$(PY) bin/certs.py --out-dir certs --client alice
 
+# The quick suite (about 3 min here): everything but the tests marked `slow`, which
+# setup.cfg deselects by default.  test-slow runs only those (the larger fault-matrix slice,
+# 10,000 messages with 20 receiver SIGKILLs; 1-1.5 min here); test-all runs both at once.
 test: install
 	$(PY) -m pytest $(ARGS)
+
+test-slow: install
+	$(PY) -m pytest -m slow $(ARGS)
+
+test-all: install
+	$(PY) -m pytest -m '' $(ARGS)
+
+# Planted bugs, one per guarantee, each in a throwaway copy of the tree; every one must be
+# caught by the tests named beside it (tests/mutants.py, docs/TESTING.md).  About 2 minutes.
+mutants: install
+	$(PY) tests/mutants.py $(ARGS)
 
 # Headless Chromium from Debian for tests/test_dashboard_browser.py (skipped without it,
 # failed under CI=true).  Needs root and apt; does nothing if chromium is already there.
