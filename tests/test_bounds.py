@@ -1,0 +1,223 @@
+"""Broker-wide bounds (issue 11): a hostile client cannot hold, bloat or stall the broker.
+
+Each test plays one attack from the issue's table against a real broker on
+port 0 and asserts its bound by counting -- queues, bytes, refusals, log
+lines -- never by timing.
+"""
+import contextlib
+import json
+import logging
+import threading
+
+import pytest
+from conftest import FakeClock, Wire, envelope, parse_message, publish_line
+
+from ciphermq import access
+from ciphermq.broker import STATS_MAX_QUEUES
+
+
+@pytest.fixture
+def wires():
+    """Open Wire clients; all closed at teardown."""
+    with contextlib.ExitStack() as stack:
+        def open_wire(server):
+            wire = Wire(server.address)
+            stack.callback(wire.close)
+            return wire
+        yield open_wire
+
+
+def pipelined(wire, lines):
+    """Send many command lines in one write; return their replies, in order."""
+    wire.send("".join(line if line.endswith("\n") else line + "\n" for line in lines))
+    return [wire.text() for _ in lines]
+
+
+def stats(wire, queue=None):
+    return json.loads(wire.call("stats" if queue is None else "stats " + queue))
+
+
+class LogWaiter(logging.Handler):
+    """Sets ``seen`` when a record whose message contains ``needle`` is emitted."""
+
+    def __init__(self, needle):
+        super().__init__()
+        self.needle = needle
+        self.seen = threading.Event()
+
+    def emit(self, record):
+        if self.needle in record.getMessage():
+            self.seen.set()
+
+
+def test_dead_letter_names_count_towards_max_queues(start_server, wires):
+    """`declare_queue xN.dead` is counted by --max-queues; only the dead-letter
+    queue of an existing queue is free, so the broker holds at most 2 x max queues."""
+    server = start_server(max_queues=10)
+    wire = wires(server)
+    replies = pipelined(wire, ["declare_queue x%d.dead" % n for n in range(50)])
+    assert replies.count("Queue declared") == 9            # default_queue is the tenth
+    assert replies[9:] == ["Error: too many queues (max 10)"] * 41
+    assert wire.call("declare_queue default_queue.dead") == "Queue declared"
+    assert wire.call("declare_queue x0.dead.dead") == "Error: too many queues (max 10)"
+    assert wire.call("declare_queue y") == "Error: too many queues (max 10)"
+    assert stats(wire)["queue_count"] == 11 <= 2 * 10
+
+
+def test_memory_bound_counts_every_fanout_copy_and_consumers_drain(start_server, wires):
+    """Beyond --max-memory publishes get `Error: broker memory limit reached`; stats
+    counts every fanout copy's bytes; acking frees room and publishes go on."""
+    server = start_server(max_memory=40_000)
+    wire = wires(server)
+    setup = ["declare_exchange fan fanout"] + [
+        line for n in range(4) for line in ("declare_queue f%d" % n, "bind fan f%d x" % n)]
+    assert not [r for r in pipelined(wire, setup) if r.startswith("Error")]
+    body = json.dumps(envelope(ciphertext="QUJD" * 250))         # ~1.1 KB
+    lines = ["publish fan x %s" % json.dumps(envelope(ciphertext="QUJD" * 250))
+             for _ in range(20)]
+    replies = pipelined(wire, lines)
+    accepted = sum(r.startswith("ACK ") for r in replies)
+    copy = len(body)
+    assert accepted == 40_000 // (4 * copy) == 8
+    assert replies[accepted:] == ["Error: broker memory limit reached"] * (20 - accepted)
+    memory = stats(wire)["memory"]
+    assert memory == {"queued_bytes": accepted * 4 * copy, "max_memory": 40_000}
+    for queue in ("f0", "f1", "f2", "f3"):          # a consumer drains every copy of one
+        message_id, _ = parse_message(wire.call("fetch %s" % queue))
+        assert wire.call("ack %s" % message_id) == "ACK_CONFIRMED %s" % message_id
+    assert stats(wire)["memory"]["queued_bytes"] == (accepted - 1) * 4 * copy
+    assert wire.call(lines[-1]).startswith("ACK ")
+
+
+def test_one_connection_holds_at_most_max_unacked_pushed_and_fetched(start_server, wires):
+    """Pushes and fetches together stop at --max-unacked: fetch then answers an
+    Error, pushes wait; one ack lets exactly one more through."""
+    server = start_server(max_unacked=5)
+    publisher, holder = wires(server), wires(server)
+    assert publisher.call("declare_queue other") == "Queue declared"
+    pipelined(publisher, [publish_line() for _ in range(8)])
+    assert publisher.call("publish default_exchange other %s" % json.dumps(envelope())) \
+        .startswith("Error: unroutable")                 # other has no binding: use fetch on it
+    assert publisher.call("bind default_exchange other other") == "Queue bound"
+    pipelined(publisher, [publish_line(key="other") for _ in range(3)])
+    assert holder.call("fetch other").startswith("Message: ")
+    holder.send("consume default_queue 0\n")           # 0 = no prefetch limit
+    assert holder.text() == "Subscribed to queue"
+    pushed = [parse_message(holder.text())[0] for _ in range(4)]
+    holder.expect_nothing(within=0.3)                  # the fifth slot is the fetched one
+    assert holder.call("fetch other") == \
+        "Error: too many unacked messages on this connection (max 5)"
+    assert stats(publisher, "default_queue")["queues"]["default_queue"] == \
+        {"ready": 4, "unacked": 4, "consumers": 1}
+    holder.send("ack %s\n" % pushed[0])
+    assert holder.text() == "ACK_CONFIRMED %s" % pushed[0]
+    assert holder.text().startswith("Message: ")       # exactly one more
+    holder.expect_nothing(within=0.3)
+
+
+def test_mass_requeue_logs_one_summary_line(start_server, wires, caplog):
+    """A connection that fetched 2,000 messages and vanished is requeued with one
+    INFO line naming the count, not 2,000 lines; every message is ready again."""
+    caplog.set_level(logging.INFO, logger="ciphermq")
+    server = start_server(max_unacked=2_000)
+    publisher, holder = wires(server), wires(server)
+    pipelined(publisher, [publish_line() for _ in range(2_000)])
+    replies = pipelined(holder, ["fetch default_queue"] * 2_001)
+    assert sum(r.startswith("Message: ") for r in replies) == 2_000
+    assert replies[-1] == "Error: too many unacked messages on this connection (max 2000)"
+    waiter = LogWaiter("requeued for redelivery")
+    logging.getLogger("ciphermq.broker").addHandler(waiter)
+    try:
+        holder.close()
+        assert waiter.seen.wait(5)
+    finally:
+        logging.getLogger("ciphermq.broker").removeHandler(waiter)
+    lines = [r.getMessage() for r in caplog.records if "requeued" in r.getMessage()]
+    assert len([line for line in lines if "for redelivery" in line]) == 1
+    assert "2000 message(s) requeued for redelivery (connection closed" in lines[0]
+    assert stats(publisher, "default_queue")["queues"]["default_queue"]["ready"] == 2_000
+
+
+def test_stats_stays_small_with_many_queues(start_server, wires):
+    """With 1,000 queues `stats` lists at most 100 of them plus the count and totals
+    (the old shape, small), and `stats <queue>` answers for one queue."""
+    server = start_server()
+    wire = wires(server)
+    pipelined(wire, ["declare_queue q%04d" % n for n in range(1_000)])
+    reply = wire.call("stats")
+    whole = json.loads(reply)
+    assert len(whole["queues"]) == STATS_MAX_QUEUES == 100
+    assert whole["queue_count"] == 1_001
+    assert set(whole) == {"queues", "queue_count", "totals", "memory"}
+    assert len(reply) < 8_000
+    one = stats(wire, "q0999")
+    assert one["queues"] == {"q0999": {"ready": 0, "unacked": 0, "consumers": 0}}
+    assert stats(wire, "nope")["queues"] == {}
+    assert wire.call("stats a b") == "Error: usage: stats [queue]"
+
+
+def test_topic_routing_with_many_bindings_walks_few_nodes(start_server, wires):
+    """With 3,000 topic bindings, a publish with a new routing key reaches exactly the
+    matching queues and the trie walk visits a handful of nodes, not 3,000 bindings."""
+    server = start_server()
+    wire = wires(server)
+    setup = ["declare_exchange t topic", "declare_queue all", "bind t all sensor.*.#"]
+    for n in range(3_000):
+        setup += ["declare_queue s%d" % n, "bind t s%d sensor.%d.temp" % (n, n)]
+    assert not [r for r in pipelined(wire, setup) if r.startswith("Error")]
+    assert wire.call("publish t sensor.1234.temp %s" % json.dumps(envelope())).startswith("ACK")
+    assert wire.call("publish t sensor.new.temp %s" % json.dumps(envelope())).startswith("ACK")
+    assert stats(wire, "s1234")["queues"]["s1234"]["ready"] == 1
+    assert stats(wire, "all")["queues"]["all"]["ready"] == 2
+    trie = server.broker._exchanges["t"]._trie
+    assert trie.nodes_visited("sensor.new-%d.temp" % 7) <= 8
+
+
+def test_non_canonical_base64_is_refused_on_the_wire(start_server, wires):
+    """A publish whose nonce has non-zero padding bits (same decoded bytes) is refused;
+    the canonical form is accepted."""
+    wire = wires(start_server())
+    assert wire.call("publish default_exchange default_key %s"
+                     % json.dumps(envelope(nonce="QR=="))) == \
+        "Error: field 'nonce' must be base64 text"
+    assert wire.call("publish default_exchange default_key %s"
+                     % json.dumps(envelope(nonce="QQ=="))).startswith("ACK ")
+
+
+@pytest.fixture
+def users(tmp_path):
+    path = tmp_path / "users.json"
+    return path, access.add_user(str(path), "alice", ["*"], ["*"], True)
+
+
+def failed_login(server, token):
+    wire = Wire(server.address)
+    try:
+        reply = wire.call("auth alice %s" % token)
+        assert wire.closed_by_peer() or reply == "AUTH_OK"
+        return reply
+    finally:
+        wire.close()
+
+
+def test_failed_logins_are_budgeted_per_source_and_summarised(start_server, users, caplog):
+    """After --login-failure-limit failures an address's logins are refused unchecked
+    until its window ends; the log has one line per interval plus one summary."""
+    caplog.set_level(logging.WARNING, logger="ciphermq.logins")
+    path, token = users
+    clock = FakeClock()
+    server = start_server(users_file=str(path), login_failure_limit=5,
+                          login_failure_window=60.0, auth_timeout=3600.0, clock=clock)
+    replies = [failed_login(server, "wrong") for _ in range(30)]
+    assert replies[:5] == ["Error: authentication failed"] * 5
+    assert replies[5:] == ["Error: too many failed logins from this address; "
+                           "try again later"] * 25
+    assert failed_login(server, token).startswith("Error: too many failed logins")
+    assert len(caplog.records) == 1                     # the first failure only
+    clock.advance(61)                                   # the window and the interval end
+    assert failed_login(server, "wrong") == "Error: authentication failed"
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 3
+    assert messages[1] == ("30 more failed login(s) in the previous 60 s interval "
+                           "(not logged one by one)")
+    assert failed_login(server, token) == "AUTH_OK"
