@@ -6,7 +6,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 5672
 KEYS   ?= keys
 
-.PHONY: install run-server test lint clean keys demo send receive certs fuzz
+.PHONY: install run-server test lint clean keys demo send receive certs fuzz hostile
 
 install: $(VENV)/.installed
 
@@ -45,6 +45,11 @@ test: install
 # 100,000 fuzzed lines beside a well-behaved client; exits 1 if a guarantee fails.
 fuzz: install
 	$(PY) bench/fuzz.py $(ARGS)
+
+# Each attack of issue 11 beside a well-behaved client (~2.5 min): its p50/p99 and the
+# broker's RSS, as a table (docs/SECURITY.md, "Hostile neighbours").
+hostile: install
+	$(PY) bench/hostile.py $(ARGS)
 
 lint: install
 	$(PY) -m pip install --quiet --disable-pip-version-check 'ruff>=0.4'
