@@ -4,9 +4,10 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 HOST   ?= 127.0.0.1
 PORT   ?= 5672
+HTTP_PORT ?= 15672
 KEYS   ?= keys
 
-.PHONY: install run-server test lint clean keys demo send receive certs fuzz hostile
+.PHONY: install run-server test lint clean keys demo send receive certs fuzz browser-deps dashboard-screenshot hostile
 
 install: $(VENV)/.installed
 
@@ -17,7 +18,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 run-server: install
-	$(PY) -m ciphermq.server --host $(HOST) --port $(PORT) $(ARGS)
+	$(PY) -m ciphermq.server --host $(HOST) --port $(PORT) --http-port $(HTTP_PORT) $(ARGS)
 
 # The receiver's key pair, made once (delete keys/*.pem to make new ones).
 keys: install $(KEYS)/receiver_private.pem
@@ -29,8 +30,9 @@ $(KEYS)/receiver_private.pem:
 demo: install keys
 	$(PY) bin/demo.py $(ARGS)
 
+# Each run appends to sender_record.json: `python -m ciphermq.checker` then needs no arguments.
 send: install keys
-	$(PY) bin/Sender.py --host $(HOST) --port $(PORT) $(ARGS)
+	$(PY) bin/Sender.py --host $(HOST) --port $(PORT) --record sender_record.json $(ARGS)
 
 receive: install keys
 	$(PY) bin/Receiver.py --host $(HOST) --port $(PORT) $(ARGS)
@@ -41,6 +43,16 @@ certs: install
 
 test: install
 	$(PY) -m pytest $(ARGS)
+
+# Headless Chromium from Debian for tests/test_dashboard_browser.py (skipped without it,
+# failed under CI=true).  Needs root and apt; does nothing if chromium is already there.
+browser-deps:
+	command -v chromium >/dev/null || { apt-get update && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
+
+# docs/dashboard.png: a minute of mixed traffic, then chromium --headless --screenshot.
+dashboard-screenshot: install browser-deps
+	$(PY) bench/dashboard_screenshot.py --out docs/dashboard.png $(ARGS)
 
 # 100,000 fuzzed lines beside a well-behaved client; exits 1 if a guarantee fails.
 fuzz: install

@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import test_faults as matrix  # noqa: E402
 from Crypto.PublicKey import RSA  # noqa: E402
 
-from ciphermq import crypto  # noqa: E402
+from ciphermq import keys  # noqa: E402
 
 FULL = matrix.Scale(messages=10_000, receiver_kills=20, sender_kills=10, broker_kills=10,
                     network_faults=20, patience=600.0)
@@ -195,7 +195,7 @@ def load_keys(directory, stack_dir):
     if all(path.exists() for path in pair):
         return pair
     _say("No key pair in %s: making a 2048-bit one for this run" % directory)
-    return crypto.write_rsa_key_pair(stack_dir, bits=2048)
+    return keys.write_rsa_key_pair(stack_dir, bits=2048)
 
 
 def parse_args(argv):

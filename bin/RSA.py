@@ -17,7 +17,8 @@ _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from ciphermq import crypto  # noqa: E402  (needs the path above)
+from ciphermq import keys  # noqa: E402  (needs the path above)
+from ciphermq.errors import UsageError  # noqa: E402
 
 
 def rsa_bits(text):
@@ -47,15 +48,15 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         if args.signing is not None:
-            private_path, public_path = crypto.write_signing_key_pair(
+            private_path, public_path = keys.write_signing_key_pair(
                 args.out_dir, args.signing, force=args.force)
         else:
-            private_path, public_path = crypto.write_rsa_key_pair(
+            private_path, public_path = keys.write_rsa_key_pair(
                 args.out_dir, bits=args.bits, force=args.force)
     except FileExistsError as exc:
         print("❌ [RSA] keys already exist (use --force): %s" % exc.filename, file=sys.stderr)
         return 1
-    except ValueError as exc:           # an invalid --signing name
+    except UsageError as exc:           # an invalid --signing name
         print("❌ [RSA] %s" % exc, file=sys.stderr)
         return 2
     except OSError as exc:

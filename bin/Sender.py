@@ -5,26 +5,18 @@
     python bin/Sender.py --count 1000 --window 64     # generated test messages
     python bin/Sender.py --file messages.txt          # one message per line; - = stdin
 
-First every new message is sealed once -- its message_id fixed -- and written
-to the outbox (``pending_messages.json``) and fsynced: from then on it cannot
-be lost.  Then the outbox is sent, oldest first, with up to ``--window``
-publishes in flight on one connection; a message leaves the outbox when
-``ACK <id>`` arrives.  A message has 3 attempts: one fails when its ACK does not
-come within ``--ack-timeout`` (5 s), when the broker refuses it, or when the
-connection ends while it is the oldest message in flight (the others in
-flight are sent again at no cost).  A retry sends the identical envelope (the
-broker re-ACKs an id it already has, so a retry never makes a second copy).  A lost connection
-is reopened: 3 tries, one second apart.  Whatever is not acknowledged stays in
-the outbox, and the next run sends it first.  docs/CLIENTS.md has the details.
+The design document's sender, step by step: ``encrypt_message_hybrid`` seals
+each message, ``send_message`` keeps it in ``pending_messages`` (a file here:
+the outbox) until ``ACK <id>`` arrives, retrying 3 times with a 5 s timeout.
+What we add -- the outbox written before the first send, a window of
+publishes in flight, reconnection -- is in ciphermq/sender.py; docs/CLIENTS.md
+has the details.
 
 Exit status: 0 if every message was acknowledged; 1 if not (the failures are
 named, and kept in the outbox); 2 for bad usage or unusable keys.
 """
 import argparse
-import collections
-import itertools
 import sys
-import time
 from pathlib import Path
 
 # Runnable as ``python bin/Sender.py`` from a checkout, without installing the package.
@@ -32,231 +24,32 @@ _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from ciphermq import cli, client, crypto, protocol  # noqa: E402  (needs the path above)
-from ciphermq.errors import ConnectionLost, ProtocolError, ServerError  # noqa: E402
-from ciphermq.outbox import Outbox, record  # noqa: E402
-from ciphermq.store import CorruptFile  # noqa: E402
+from ciphermq import cli, crypto, protocol  # noqa: E402  (needs the path above)
+from ciphermq.errors import CorruptFile, ProtocolError, ServerError, UsageError  # noqa: E402
+from ciphermq.outbox import Outbox  # noqa: E402
+from ciphermq.sender import Record, Sender  # noqa: E402
 
-ATTEMPTS = 3                # per message, and per reconnection, as the document says
 TEST_MESSAGE = "Hello, Receiver! This is a secure test message from CipherMQ."
-#: With more messages than this, one progress line replaces the per-message lines (-v: all).
-EACH_LINE_UP_TO = 10
-ACCEPT_CHUNK = 1000         # new messages sealed and made durable per outbox fsync
 
 
-class Pending:
-    """One message on its way: its outbox record, its sends, and its failed attempts."""
+def encrypt_message_hybrid(sealer, message):
+    """The envelope for ``message``: AES-GCM under a session key that RSA-OAEP wraps.
 
-    __slots__ = ("record", "sends", "failures")
-
-    def __init__(self, outbox_record):
-        self.record = outbox_record
-        self.sends = 0
-        self.failures = 0
-
-    @property
-    def id(self):
-        return self.record["message_id"]
-
-
-class Report:
-    """The status lines, in the document's words; a progress line for many messages."""
-
-    def __init__(self, total, verbose):
-        self.total = total
-        self.each = verbose or total <= EACH_LINE_UP_TO
-        self.acked = 0
-        self._started = time.monotonic()
-        self._next_progress = self._started + 1.0
-
-    def say(self, text):
-        print(text, flush=True)
-
-    def sending(self, pending):
-        if self.each:
-            attempt = ""
-            if pending.failures:
-                attempt = " (attempt %d of %d)" % (pending.failures + 1, ATTEMPTS)
-            elif pending.sends > 1:
-                attempt = " (again: the connection was lost)"
-            self.say("🚀 [SENDER] Sending message %s%s..." % (pending.id, attempt))
-
-    def acknowledged(self, pending):
-        self.acked += 1
-        if self.each:
-            self.say("✅ [SENDER] Server ACK received for message %s" % pending.id)
-        elif time.monotonic() >= self._next_progress:
-            self._next_progress += 1.0
-            self.progress()
-
-    def removed(self, pending):
-        if self.each:
-            self.say("🗑️ [SENDER] Message %s removed from pending messages" % pending.id)
-
-    def refused(self, pending, error):
-        self.say("⚠️ [SENDER] Broker refused message %s: %s" % (pending.id, error))
-
-    def failed(self, pending):
-        self.say("❌ [SENDER] Failed to send message %s after %d attempts"
-                 % (pending.id, ATTEMPTS))
-
-    def progress(self):
-        elapsed = time.monotonic() - self._started
-        self.say("📊 [SENDER] %d of %d messages acknowledged (%.1f s, %.0f msg/s)"
-                 % (self.acked, self.total, elapsed, self.acked / max(elapsed, 1e-9)))
-
-
-class Sender:
-    """Delivers the outbox's messages and new ones: windowed, retried, durable.
-
-    Runs in the main thread; ``stop`` (set by SIGINT/SIGTERM) stops new
-    sends, lets the in-flight ones finish, and ends the run.
+    ``sealer`` (a :class:`ciphermq.crypto.Sealer`) holds the receiver's public
+    key; it fixes the message_id, and signs the envelope with --signing-key.
     """
+    return sealer.seal(message)
 
-    def __init__(self, outbox, sealer, args, connect_options, stop):
-        self.outbox = outbox
-        self.sealer = sealer
-        self.exchange = args.exchange
-        self.routing_key = args.routing_key
-        self.window = args.window
-        self.ack_timeout = args.ack_timeout
-        self.connect_options = connect_options
-        self.stop = stop
-        self.report = None
-        self.queue = collections.deque()        # Pending, not in flight, next first
-        self.in_flight = collections.deque()    # (Pending, Reply, ACK deadline), oldest first
-        self.unaccepted = 0                     # new messages never accepted (stopped)
 
-    def run(self, texts, verbose):
-        """Accept ``texts`` into the outbox, send all it holds; return the exit status."""
-        leftovers = len(self.outbox)
-        if leftovers:
-            print("📦 [SENDER] %d message(s) left in %s by an earlier run: sending them first"
-                  % (leftovers, self.outbox.path), flush=True)
-        self._accept(texts)
-        self.queue.extend(Pending(r) for r in self.outbox.pending())
-        self.report = Report(len(self.queue), verbose)
-        connection = None
-        try:
-            while self.in_flight or (self.queue and not self.stop.is_set()):
-                if connection is None:
-                    connection = self._connect()
-                try:
-                    self._fill_window(connection)
-                    self._await_oldest()
-                except (ConnectionLost, TimeoutError) as exc:
-                    print("🔌 [SENDER] %s; reconnecting" % exc, flush=True)
-                    connection.close()
-                    connection = None
-                    self._take_back_in_flight(time.monotonic())
-        except ConnectionLost as exc:           # could not (re)connect: give up for now
-            print("❌ [SENDER] %s" % exc, flush=True)
-        finally:
-            if connection is not None:
-                connection.close()
-        return self._summary()
+def send_message(sender, texts, sealer):
+    """Keep every message in pending_messages until the broker ACKs it; the exit status.
 
-    def _accept(self, texts):
-        """Seal every new message and make it durable in the outbox before anything is sent.
-
-        From here on no message of this run can be lost: a crash, a kill or
-        giving up leaves it in the outbox for the next run.  One fsync per
-        ACCEPT_CHUNK messages.
-        """
-        for start in range(0, len(texts), ACCEPT_CHUNK):
-            if self.stop.is_set():
-                self.unaccepted = len(texts) - start
-                return
-            self.outbox.add([record(self.sealer.seal(text), self.exchange, self.routing_key)
-                             for text in texts[start:start + ACCEPT_CHUNK]])
-
-    def _connect(self):
-        def retrying(tries, error):
-            print("🔌 [SENDER] %s (try %d of %d); retrying in 1 s" % (error, tries, ATTEMPTS),
-                  flush=True)
-        return client.connect(attempts=ATTEMPTS, stop=self.stop, on_retry=retrying,
-                              timeout=self.ack_timeout, **self.connect_options)
-
-    def _fill_window(self, connection):
-        batch = []
-        while (self.queue and len(self.in_flight) + len(batch) < self.window
-               and not self.stop.is_set()):
-            pending = self.queue.popleft()
-            pending.sends += 1
-            batch.append(pending)
-            self.report.sending(pending)
-        if not batch:
-            return
-        deadline = time.monotonic() + self.ack_timeout
-        try:
-            replies = connection.publish_many(
-                [(p.record["exchange"], p.record["routing_key"], p.record["envelope"])
-                 for p in batch])
-        except ConnectionLost:
-            # The write failed part way: in flight all the same, for the caller to take back.
-            self.in_flight.extend((p, None, deadline) for p in batch)
-            raise
-        self.in_flight.extend((p, reply, deadline) for p, reply in zip(batch, replies))
-
-    def _await_oldest(self):
-        """Wait for the oldest publish's ACK (replies come in order).
-
-        Raises TimeoutError if it does not come in time, ConnectionLost if
-        the connection ends: the caller reconnects and retries.
-        """
-        pending, reply, deadline = self.in_flight[0]
-        try:
-            reply.result(max(0.0, deadline - time.monotonic()))
-        except ServerError as exc:              # refused (queue full, unroutable...)
-            self.in_flight.popleft()
-            self.report.refused(pending, exc)
-            self._retry(pending, front=False, failed=True)  # after the others: give it time
-            return
-        except TimeoutError:
-            raise TimeoutError("no ACK for message %s within %.1f s"
-                               % (pending.id, self.ack_timeout)) from None
-        self.in_flight.popleft()
-        self.report.acknowledged(pending)
-        self.outbox.remove(pending.id)
-        self.report.removed(pending)
-
-    def _take_back_in_flight(self, now):
-        """Queue the in-flight messages again after the connection has ended.
-
-        The oldest -- the one whose ACK was awaited -- has failed an attempt,
-        and so has any whose own ACK is overdue; the others were only caught
-        up in it and are sent again at no cost.
-        """
-        oldest = self.in_flight[0][0] if self.in_flight else None
-        while self.in_flight:
-            pending, _, deadline = self.in_flight.pop()     # newest first: order is kept
-            self._retry(pending, front=True, failed=pending is oldest or deadline <= now)
-
-    def _retry(self, pending, front, failed):
-        if failed:
-            pending.failures += 1
-        if pending.failures >= ATTEMPTS:
-            self.report.failed(pending)         # it stays in the outbox for the next run
-        elif front:
-            self.queue.appendleft(pending)
-        else:
-            self.queue.append(pending)
-
-    def _summary(self):
-        self.report.progress()
-        left = len(self.outbox)
-        if not left and not self.unaccepted:
-            return 0
-        if left:
-            names = [r["message_id"] for r in itertools.islice(self.outbox.pending(), 10)]
-            print("❌ [SENDER] %d message(s) not acknowledged, kept in %s for the next run: %s%s"
-                  % (left, self.outbox.path, ", ".join(names), ", ..." if left > 10 else ""),
-                  flush=True)
-        if self.unaccepted:
-            print("❌ [SENDER] %d message(s) not accepted: stopped before they were written "
-                  "to the outbox" % self.unaccepted, flush=True)
-        return 1
-
+    First each new message is encrypted and written, fsynced, to the outbox;
+    then the outbox -- an earlier run's leftovers first -- is published, each
+    message retried up to 3 times until ``ACK <id>`` comes back.
+    """
+    sender.accept(texts, lambda text: encrypt_message_hybrid(sealer, text))
+    return sender.deliver()
 
 
 def parse_args(argv):
@@ -289,6 +82,9 @@ def parse_args(argv):
     parser.add_argument("--signing-key", type=Path, metavar="PEM",
                         help="sign every envelope with this Ed25519 key (needs --sender)")
     parser.add_argument("--sender", metavar="NAME", help="the sender name put in envelopes")
+    parser.add_argument("--record", type=Path, metavar="PATH",
+                        help="append one JSON line per message attempted, ACKed, refused or "
+                             "given up, for `python -m ciphermq.checker` (default: none)")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="a status line for every message, and the client's log")
     args = parser.parse_args(argv)
@@ -325,21 +121,27 @@ def main(argv=None):
         sealer = crypto.Sealer(args.public_key, key_reuse=args.key_reuse,
                                signing_key=args.signing_key, sender=args.sender)
         options = cli.connection_options(args)
-    except (OSError, ValueError) as exc:
+    except (UsageError, OSError, UnicodeError) as exc:  # the last two: reading --file
         print("❌ [SENDER] %s" % exc, file=sys.stderr)
         return 2
     try:
+        record = Record(args.record) if args.record else None     # first: it changes nothing
         outbox = Outbox(args.outbox)
     except (OSError, CorruptFile) as exc:
-        print("❌ [SENDER] cannot use the outbox: %s" % exc, file=sys.stderr)
+        print("❌ [SENDER] cannot use the outbox or the record: %s" % exc, file=sys.stderr)
         return 1
-    stop = cli.stop_on_signals()
+    sender = Sender(outbox, exchange=args.exchange, routing_key=args.routing_key,
+                    window=args.window, ack_timeout=args.ack_timeout, connect_options=options,
+                    stop=cli.stop_on_signals(), record=record, verbose=args.verbose)
     with outbox:
         try:
-            return Sender(outbox, sealer, args, options, stop).run(texts, args.verbose)
+            return send_message(sender, texts, sealer)
         except ServerError as exc:              # authentication refused
             print("❌ [SENDER] %s" % exc, file=sys.stderr)
             return 1
+        finally:
+            if record is not None:
+                record.close()
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ so the checkout stays clean.  Exit status 0 if every message arrived exactly
 once, 130 if interrupted.
 
 The last word is the checker's (:mod:`ciphermq.checker`): from the sender's
-status lines, its outbox and the receiver's output it counts what was
+``--record`` file, its outbox and the receiver's output it counts what was
 ACKed and what was stored, and says whether anything was lost or stored twice.
 
 Chaos mode (``--chaos SPEC``, see ``ciphermq/chaos.py``) makes the broker
@@ -200,13 +200,7 @@ def run(args, workdir, children, console):
             return 1
     output = workdir / "received_messages.json"
     outbox = workdir / "pending_messages.json"
-    broker_options = list(args.broker_arg)
-    client_options = []
-    if args.chaos:
-        broker_options += ["--chaos", args.chaos]
-        if args.chaos_seed is not None:
-            broker_options += ["--chaos-seed", str(args.chaos_seed)]
-        client_options = CHAOS_CLIENT_OPTIONS
+    broker_options, client_options = chaos_options(args)
     verbose = ["-v"] if args.verbose else []
     count = args.count if args.count is not None else len(MESSAGES)
     timeout = RUN_TIMEOUT + count / 10.0
@@ -220,16 +214,44 @@ def run(args, workdir, children, console):
          "--max-messages", str(count), *client_options, *verbose],
         workdir / "receiver.log", workdir)
     sender_logs = []
+    sender_record = workdir / "sender_record.json"
 
     def send(messages):
-        """One run of the sender (-v: the checker reads its per-message lines)."""
+        """One run of the sender: every status line shown (-v), every event in its record."""
         sender_logs.append(workdir / ("sender-%d.log" % (len(sender_logs) + 1)))
         command = [sys.executable, str(HERE / "Sender.py"), "--port", str(port),
                    "--public-key", str(public_key), "--outbox", str(outbox), "-v",
-                   *client_options, *messages]
+                   "--record", str(sender_record), *client_options, *messages]
         return finish(*start_script(children, console, command, sender_logs[-1], workdir),
                       timeout)
 
+    send_until_done(send, args, children, console)
+    if finish(*receiver, timeout) != 0:
+        raise RuntimeError("the receiver failed")
+    stored = show_stored(output)
+    if args.chaos:
+        print_recovery(console.faults_seen(), sender_logs, workdir / "receiver.log")
+    tally = checker.check([sender_record], output, outboxes=[outbox])
+    for line in tally.report():
+        print(line)
+    expected = args.count is not None or sorted(r["message"] for r in stored) == sorted(MESSAGES)
+    return 0 if tally.ok and expected else 1
+
+
+def chaos_options(args):
+    """``(broker options, client options)``: with --chaos, the broker's faults and the
+    clients' short timeouts."""
+    broker_options = list(args.broker_arg)
+    if not args.chaos:
+        return broker_options, []
+    broker_options += ["--chaos", args.chaos]
+    if args.chaos_seed is not None:
+        broker_options += ["--chaos-seed", str(args.chaos_seed)]
+    return broker_options, CHAOS_CLIENT_OPTIONS
+
+
+def send_until_done(send, args, children, console):
+    """Run the sender; while it gives up on messages (exit 1), run it again on its outbox."""
     if args.count is not None:
         code = send(["--count", str(args.count)])
     else:
@@ -242,20 +264,16 @@ def run(args, workdir, children, console):
         code = send(["--file", os.devnull])
     if code != 0:
         raise RuntimeError("the sender failed (status %s)" % code)
-    if finish(*receiver, timeout) != 0:
-        raise RuntimeError("the receiver failed")
+
+
+def show_stored(output):
+    """Print the first SHOWN records of the receiver's output; return them all."""
     stored = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
     print("\n📜 [DEMO] %s holds %d message(s)%s:" % (
         output.name, len(stored), ", the first %d" % SHOWN if len(stored) > SHOWN else ""))
     for record in stored[:SHOWN]:
         print("   %s  %s  %s" % (record["timestamp"], record["message_id"], record["message"]))
-    if args.chaos:
-        print_recovery(console.faults_seen(), sender_logs, workdir / "receiver.log")
-    tally = checker.check(sender_logs, output, outboxes=[outbox])
-    for line in tally.report():
-        print(line)
-    expected = args.count is not None or sorted(r["message"] for r in stored) == sorted(MESSAGES)
-    return 0 if tally.ok and expected else 1
+    return stored
 
 
 def print_recovery(faults, sender_logs, receiver_log):

@@ -33,6 +33,7 @@ import os
 import secrets
 import sys
 
+from . import files
 from .errors import NotAllowed
 
 ANY = "*"
@@ -128,11 +129,8 @@ def add_user(path, name, publish, consume, configure):
     users.append({"name": name, "salt": salt, "token_sha256": hash_token(salt, token),
                   "publish": publish, "consume": consume, "configure": configure})
     document["users"] = users
-    temporary = "%s.tmp" % path
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with open(fd, "w", encoding="utf-8") as file:
-        json.dump(document, file, indent=2)
-    os.replace(temporary, path)
+    # 0600, via <path>.tmp opened exclusively: a planted <path>.tmp symlink is refused.
+    files.replace_atomically(path, json.dumps(document, indent=2).encode("utf-8"))
     return token
 
 
@@ -147,7 +145,15 @@ def main(argv=None):
     add.add_argument("--consume", action="append", default=[], metavar="QUEUE")
     add.add_argument("--configure", action="store_true", help="may declare and bind")
     args = parser.parse_args(argv)
-    token = add_user(args.file, args.name, args.publish, args.consume, args.configure)
+    try:
+        token = add_user(args.file, args.name, args.publish, args.consume, args.configure)
+    except FileExistsError as exc:
+        print("Error: %s already exists (left by an interrupted run, or planted): it is not "
+              "followed or overwritten; remove it and try again" % exc.filename, file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print("Error: cannot update %s: %s" % (args.file, exc), file=sys.stderr)
+        return 1
     print("🔐 [ACCESS] %s added to %s; token (shown once): %s" % (args.name, args.file, token))
     return 0
 

@@ -258,6 +258,8 @@ class Broker:
         for queue in queues:
             if len(queue.ready) + queue.unacked >= self.max_queue_length:
                 raise BrokerError("queue '%s' is full" % queue.name)
+        if self.journal is not None:
+            self.journal.check_writable()   # a disk refusing writes refuses publishes up front
         cost = len(body) * len(queues)     # fanout copies share bytes, but count each
         if self._queued_bytes + cost > self.max_memory:
             raise BrokerError("broker memory limit reached")

@@ -26,13 +26,11 @@ import logging
 import random
 import threading
 
+from .errors import ChaosSpecError
+
 log = logging.getLogger(__name__)
 
 FAULTS = ("drop-ack", "drop-confirm", "drop-delivery", "disconnect")
-
-
-class ChaosSpecError(ValueError):  # moves to errors.py
-    """The --chaos text does not parse."""
 
 
 def parse_spec(spec):

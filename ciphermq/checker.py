@@ -1,14 +1,15 @@
 """Count what a run of the scripts did, and whether every message arrived exactly once.
 
-    python -m ciphermq.checker --sender-log sender.log [--sender-log rerun.log] \\
+    python -m ciphermq.checker          # the files of `make send` and `make receive`
+    python -m ciphermq.checker --record sender_record.json [--record another.json] \\
         --output received_messages.json [--rejects PATH] [--outbox pending_messages.json]
 
 The checker reads only what the scripts leave behind, never the broker:
 
-* the Sender's status lines, saved from its stdout (run it with ``-v`` so that
-  every message gets them; a sender killed and restarted leaves one log per run):
-  ``🚀 [SENDER] Sending message <id>...`` means attempted, and
-  ``✅ [SENDER] Server ACK received for message <id>`` means ACKed;
+* the Sender's ``--record`` file(s) (:class:`ciphermq.sender.Record`: one JSON
+  line per event, whatever ``-v`` says; runs may share one file or have one
+  each): ``attempted`` and ``acked`` lines count, ``refused`` and ``failed``
+  are noted by the Sender but need no count here;
 * the Receiver's output file (stored) and its rejects file (refused, with a reason);
 * the Sender's outbox, which holds what a sender that gave up will send next run.
 
@@ -26,33 +27,30 @@ dropped          never ACKed, in no outbox, and not stored          -- must be 0
 ===============  ===========================================================
 
 A line counts only when it is whole (ends with a newline): a process killed
-mid-print, or mid-write, leaves at most a torn last line, and it is ignored.
-Without an outbox the checker cannot tell "never ACKed" from "dropped", and
-says so.
+mid-write leaves at most a torn last line, and it is ignored.  Without an
+outbox the checker cannot tell "never ACKed" from "dropped", and says so.
+With no arguments it reads the default files in the current directory:
+``sender_record.json`` (what ``make send`` passes as ``--record``),
+``received_messages.json`` and, if it exists, ``pending_messages.json``.
 
 Exit status: 0 when nothing is lost, duplicated or dropped; 1 otherwise; 2
-when an input cannot be used (unreadable, corrupt, or a Sender log without
-its per-message lines).
+when an input cannot be used (unreadable, or a line that is not a record).
 """
 import argparse
 import collections
 import json
-import re
 import sys
 from pathlib import Path
 
-from .errors import CipherMQError
+from .errors import CheckError
+from .sender import Record
 
-_ID = r"([A-Za-z0-9._:-]+?)"
-SENDING = re.compile(r"^🚀 \[SENDER\] Sending message %s(?: \([^)]*\))?\.\.\.$" % _ID)
-ACKED = re.compile(r"^✅ \[SENDER\] Server ACK received for message %s$" % _ID)
-PROGRESS = re.compile(r"^📊 \[SENDER\] (\d+) of \d+ messages acknowledged")
 #: Ids shown in a verdict line, at most.
 SHOW = 5
-
-
-class CheckError(CipherMQError):
-    """An input the checker cannot use: unreadable, corrupt, or missing per-message lines."""
+#: The files of a `make send` / `make receive` run, read when no argument is given.
+DEFAULT_RECORD = "sender_record.json"
+DEFAULT_OUTPUT = "received_messages.json"
+DEFAULT_OUTBOX = "pending_messages.json"
 
 
 class Tally:
@@ -93,7 +91,7 @@ class Tally:
 
     @property
     def unexpected(self):
-        """Stored or rejected ids that no Sender log or outbox mentions."""
+        """Stored or rejected ids that no Sender record or outbox mentions."""
         return sorted((set(self.stored) | self.rejected) - self.attempted)
 
     @property
@@ -122,8 +120,13 @@ class Tally:
         for path in self.torn:
             lines.append("✂️ [CHECKER] Ignored a torn last line in %s" % path)
         if self.unexpected:
-            lines.append("ℹ️ [CHECKER] %d stored id(s) no sender log mentions: %s"
+            lines.append("ℹ️ [CHECKER] %d stored id(s) no sender record mentions: %s"
                          % (len(self.unexpected), _some(self.unexpected)))
+        lines.extend(self._verdict())
+        return lines
+
+    def _verdict(self):
+        lines = []
         if self.lost:
             lines.append("❌ [CHECKER] %d lost: ACKed to a sender, yet in neither the output "
                          "nor the rejects file: %s" % (len(self.lost), _some(self.lost)))
@@ -140,19 +143,19 @@ class Tally:
         return lines
 
 
-def check(sender_logs, output, rejects=None, outboxes=()):
+def check(records, output, rejects=None, outboxes=()):
     """Read a run's files and return its :class:`Tally`.
 
-    ``sender_logs``: paths of saved Sender stdout (``-v``), one per run.
+    ``records``: paths of the Sender's ``--record`` files.
     ``output``: the Receiver's output file; ``rejects`` defaults to the
     Receiver's default, ``<output stem>.rejects.json``.  ``outboxes``: the
     Sender's outbox files, to tell "held for the next run" from "dropped".
-    A missing output, rejects or outbox file counts as empty.  Raises
-    CheckError if an input cannot be used.
+    A missing record, output, rejects or outbox file counts as empty.
+    Raises CheckError if an input cannot be used.
     """
     tally = Tally()
-    for path in sender_logs:
-        _read_sender_log(Path(path), tally)
+    for path in records:
+        _read_record(Path(path), tally)
     output = Path(output)
     if rejects is None:
         rejects = output.with_name(output.stem + ".rejects.json")
@@ -186,20 +189,16 @@ def _whole_lines(path, tally):
         raise CheckError("%s is not UTF-8 text" % path) from None
 
 
-def _read_sender_log(path, tally):
-    acked_here, reported = 0, 0
-    for line in _whole_lines(path, tally):
-        sending, acked, progress = SENDING.match(line), ACKED.match(line), PROGRESS.match(line)
-        if sending:
-            tally.attempted.add(sending.group(1))
-        elif acked:
-            tally.acked.add(acked.group(1))
-            acked_here += 1
-        elif progress:
-            reported = int(progress.group(1))
-    if reported > acked_here:
-        raise CheckError("%s reports %d ACK(s) but shows only %d: run Sender.py with -v so "
-                         "that every message gets its status lines" % (path, reported, acked_here))
+def _read_record(path, tally):
+    for record in _records(path, tally):
+        event = record.get("event")
+        if event not in Record.EVENTS:
+            raise CheckError("%s: not a Sender record (event %r): %r" % (path, event, record))
+        message_id = _message_id(record, path)
+        if event == "attempted":
+            tally.attempted.add(message_id)
+        elif event == "acked":
+            tally.acked.add(message_id)
 
 
 def _records(path, tally):
@@ -248,17 +247,21 @@ def main(argv=None):
         prog="python -m ciphermq.checker",
         description="Count attempted, ACKed, stored and rejected messages of a run, and "
                     "report any lost (ACKed, not stored) or duplicated (stored twice).")
-    parser.add_argument("--sender-log", action="append", required=True, metavar="PATH",
-                        help="saved stdout of a `Sender.py -v` run (repeat for each run)")
-    parser.add_argument("--output", required=True, metavar="PATH",
-                        help="the Receiver's output file")
+    parser.add_argument("--record", action="append", metavar="PATH",
+                        help="a `Sender.py --record` file (repeatable; default %s)"
+                             % DEFAULT_RECORD)
+    parser.add_argument("--output", default=DEFAULT_OUTPUT, metavar="PATH",
+                        help="the Receiver's output file (default %(default)s)")
     parser.add_argument("--rejects", metavar="PATH",
                         help="the Receiver's rejects file (default: <output stem>.rejects.json)")
-    parser.add_argument("--outbox", action="append", default=[], metavar="PATH",
-                        help="the Sender's outbox, to tell held messages from dropped ones")
+    parser.add_argument("--outbox", action="append", metavar="PATH",
+                        help="the Sender's outbox, to tell held messages from dropped ones "
+                             "(repeatable; default %s if it exists)" % DEFAULT_OUTBOX)
     args = parser.parse_args(argv)
+    if args.outbox is None:
+        args.outbox = [DEFAULT_OUTBOX] if Path(DEFAULT_OUTBOX).exists() else []
     try:
-        tally = check(args.sender_log, args.output, args.rejects, args.outbox)
+        tally = check(args.record or [DEFAULT_RECORD], args.output, args.rejects, args.outbox)
     except CheckError as exc:
         print("❌ [CHECKER] %s" % exc, file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
-"""What the command-line scripts share: connection options, argument types, stop signals.
+"""What the command-line scripts share: connection options, argument types, logging, signals.
 
-``bin/Sender.py`` and ``bin/Receiver.py`` are thin: argparse, then the library.
-The pieces both need live here so each exists once.
+``bin/Sender.py`` and ``bin/Receiver.py`` parse their own arguments and call
+:mod:`ciphermq.sender` and :mod:`ciphermq.receiver`; the pieces both scripts
+need live here so each exists once.
 """
 import argparse
 import logging
@@ -10,6 +11,7 @@ import sys
 import threading
 
 from .client import check_auth
+from .errors import UsageError
 from .transport import client_tls_context
 
 
@@ -33,11 +35,20 @@ def add_connection_arguments(parser, *, default_port=5672):
 
 
 def connection_options(args):
-    """Keyword arguments for :func:`connect` from the parsed options.
+    """Keyword arguments for :func:`ciphermq.client.connect` from the parsed options.
 
-    Raises ValueError for inconsistent options, OSError or ssl.SSLError for
-    unreadable TLS or token files.
+    Raises UsageError for options that do not fit together and for TLS or
+    token files that cannot be read or used.
     """
+    try:
+        return _connection_options(args)
+    except UsageError:
+        raise
+    except (OSError, ValueError) as exc:    # unreadable files (ssl.SSLError too), a bad --auth
+        raise UsageError(str(exc)) from None
+
+
+def _connection_options(args):
     tls = None
     if args.tls_ca or args.tls_cert or args.tls_key:
         tls = client_tls_context(args.tls_ca, args.tls_cert, args.tls_key)
@@ -46,13 +57,13 @@ def connection_options(args):
         name, _, token = args.auth.partition(":")
         if args.token_file:
             if token:
-                raise ValueError("give the token in --auth or in --token-file, not both")
+                raise UsageError("give the token in --auth or in --token-file, not both")
             with open(args.token_file, encoding="utf-8") as file:
                 token = file.readline().strip()
         auth = (name, token)
         check_auth(*auth)
     elif args.token_file:
-        raise ValueError("--token-file needs --auth NAME")
+        raise UsageError("--token-file needs --auth NAME")
     heartbeat = args.heartbeat if args.heartbeat > 0 else None
     return {"host": args.host, "port": args.port, "tls_context": tls, "auth": auth,
             "heartbeat": heartbeat}
@@ -66,6 +77,14 @@ def positive_int(text):
     return value
 
 
+def non_negative_int(text):
+    """argparse type: an integer of at least 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
 def configure_logging(verbose):
     """Library log lines on stderr: INFO with -v, else warnings only."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
@@ -73,7 +92,7 @@ def configure_logging(verbose):
 
 
 def stop_on_signals():
-    """An Event that SIGINT and SIGTERM set, for a script's orderly stop."""
+    """An Event that SIGINT and SIGTERM set, for a script's orderly stop (main thread only)."""
     stop = threading.Event()
 
     def request_stop(signum, frame):

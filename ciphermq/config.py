@@ -35,6 +35,8 @@ class ServerConfig:
     dedup_max_ids: int = 1_000_000       # ... and at most this many of them
     data_dir: Optional[str] = None       # journal here (None: memory only, as the document)
     compact_min_bytes: int = 64 * 1024 * 1024   # never compact a journal smaller than this
+    repair: bool = False                 # keep a damaged journal's intact records (--repair)
+    journal_retry_interval: float = 1.0  # a failed journal write is tried again after this
     users_file: Optional[str] = None     # access control (ciphermq/access.py); None: off
     tls_cert: Optional[str] = None       # TLS: server certificate chain (PEM) ...
     tls_key: Optional[str] = None        # ... and its private key
@@ -48,3 +50,7 @@ class ServerConfig:
     login_failure_window: float = 60.0   # ... per this many seconds; then refused unchecked
     chaos: Optional[str] = None          # fault injection spec (ciphermq/chaos.py); None: off
     chaos_seed: Optional[int] = None
+    http_port: Optional[int] = None      # the dashboard (ciphermq/dashboard.py); None: off
+    http_request_timeout: float = 10.0   # a dashboard request must arrive within this
+    http_max_request_bytes: int = 8192   # request line + headers, at most
+    http_max_connections: int = 32       # dashboard requests served at once

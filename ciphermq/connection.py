@@ -40,10 +40,14 @@ import threading
 from . import protocol
 from .access import ANONYMOUS
 from .errors import CipherMQError, ProtocolError
-from .journal import JournalError
+from .journal import JournalError, JournalWriteFailed
 from .transport import PlainTransport, TlsTransport, TransportError, set_timeouts
 
 log = logging.getLogger(__name__)
+
+#: Replies that promise a record is on disk (see Connection._sync).
+_NEEDS_THE_DISK = (b"ACK ", protocol.QUEUE_DECLARED, protocol.EXCHANGE_DECLARED,
+                   protocol.QUEUE_BOUND)
 
 
 class Connection(socketserver.BaseRequestHandler):
@@ -264,13 +268,22 @@ class Connection(socketserver.BaseRequestHandler):
         """Before replies that promise durability go out, wait for the journal.
 
         Returns False (and closes the connection, sending nothing) if the
-        journal failed: an ACK must never be sent for a publish not on disk.
+        journal failed for good: an ACK must never be sent for a publish not
+        on disk.  If a write failed (full disk, I/O error) every reply that
+        promises the disk -- ``ACK``, declarations, bindings -- becomes
+        ``Error: journal write failed: <reason>``; fetched messages and
+        ``ACK_CONFIRMED`` still go out (see docs/RELIABILITY.md).
         """
         if not self._must_sync:
             return True
         self._must_sync = False
         try:
             self.broker.sync()
+            return True
+        except JournalWriteFailed as exc:   # the disk refused: what needed it becomes an Error
+            refusal = protocol.error_reply(exc)
+            self._replies = [refusal if reply.startswith(_NEEDS_THE_DISK) else reply
+                             for reply in self._replies]
             return True
         except JournalError as exc:
             log.error("Closing %s without replies: %s", self.peer, exc)

@@ -19,25 +19,26 @@ Every way an envelope can fail to open raises :class:`DecryptionError` with
 one and the same message, so that a receiver cannot be used as an oracle.
 The specific cause travels in the exception's ``reason`` attribute, which is
 meant for the receiver's private rejects file and nowhere else.
+
+Key files are :mod:`ciphermq.keys`' business: a Sealer or Opener given a
+path asks it for the key.  Options that do not fit together raise
+:class:`~ciphermq.errors.UsageError` (a ValueError).
 """
 import base64
-import errno
 import json
 import os
-import re
 import threading
 import time
 import uuid
 from collections import OrderedDict
-from pathlib import Path
 
 from Crypto.Cipher import AES, PKCS1_OAEP
 from Crypto.Hash import SHA1, SHA256
-from Crypto.PublicKey import ECC, RSA
 from Crypto.Random import get_random_bytes
 from Crypto.Signature import eddsa
 
-from .errors import DecryptionError
+from . import keys
+from .errors import DecryptionError, UsageError
 
 #: The one message every refused envelope raises, whatever the cause.
 REJECTED = "envelope rejected"
@@ -61,8 +62,6 @@ SIGNATURE_CONTEXT = b"ciphermq-sig-v2\x00"
 #: ``delivery_count`` and any other field are outside it).
 SIGNED_FIELDS = ("v", "message_id", "ts", "sender", "enc_session_key", "nonce", "tag",
                  "ciphertext")
-#: Sender names: safe in JSON without escapes, and as ``<name>.pub`` file names.
-_SENDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 # -- canonical bytes -------------------------------------------------------
@@ -86,157 +85,6 @@ def _b64(raw):
     return base64.b64encode(raw).decode("ascii")
 
 
-# -- key files -------------------------------------------------------------
-
-def generate_rsa_key_pair(bits=2048):
-    """Return a new ``(private_pem, public_pem)`` pair as bytes (PKCS#1 / SubjectPublicKeyInfo)."""
-    key = RSA.generate(bits)
-    return key.export_key(format="PEM"), key.public_key().export_key(format="PEM")
-
-
-def write_rsa_key_pair(out_dir, *, bits=2048, force=False, prefix="receiver"):
-    """Write ``<prefix>_private.pem`` (mode 0600) and ``<prefix>_public.pem`` into ``out_dir``.
-
-    Returns ``(private_path, public_path)``.  Raises :class:`FileExistsError`
-    if either file exists, unless ``force``; the check comes before the key
-    is generated, so a refusal is quick.
-    """
-    out_dir = Path(out_dir)
-    private_path = out_dir / ("%s_private.pem" % prefix)
-    public_path = out_dir / ("%s_public.pem" % prefix)
-    _refuse_existing(private_path, public_path, force)
-    private_pem, public_pem = generate_rsa_key_pair(bits)
-    _write_key_pair(private_path, private_pem, public_path, public_pem, force)
-    return private_path, public_path
-
-
-def load_public_key(path):
-    """Load an RSA public key from a PEM file (a private key file yields its public half)."""
-    return _import_rsa(path).public_key()
-
-
-def load_private_key(path):
-    """Load an RSA private key from a PEM file; ValueError if the file holds only a public key."""
-    key = _import_rsa(path)
-    if not key.has_private():
-        raise ValueError("%s holds a public key, not a private one" % path)
-    return key
-
-
-def generate_signing_key_pair():
-    """Return a new Ed25519 ``(private_pem, public_pem)`` pair as bytes (PKCS#8 / SPKI)."""
-    key = ECC.generate(curve="Ed25519")
-    return (key.export_key(format="PEM").encode("ascii"),
-            key.public_key().export_key(format="PEM").encode("ascii"))
-
-
-def write_signing_key_pair(out_dir, name, *, force=False):
-    """Write a sender's ``<name>.key`` (mode 0600) and ``<name>.pub`` into ``out_dir``.
-
-    Returns ``(key_path, pub_path)``.  The ``.pub`` file is what receivers put
-    in their trusted-senders directory.  Raises ValueError for a name that is
-    not 1-64 of ``A-Z a-z 0-9 . _ -`` (starting alphanumeric), and
-    :class:`FileExistsError` if either file exists, unless ``force``.
-    """
-    _check_sender_name(name)
-    out_dir = Path(out_dir)
-    key_path, pub_path = out_dir / ("%s.key" % name), out_dir / ("%s.pub" % name)
-    _refuse_existing(key_path, pub_path, force)
-    private_pem, public_pem = generate_signing_key_pair()
-    _write_key_pair(key_path, private_pem, pub_path, public_pem, force)
-    return key_path, pub_path
-
-
-def load_signing_key(path):
-    """Load a sender's Ed25519 private key from a PEM file."""
-    key = _import_ed25519(path)
-    if not key.has_private():
-        raise ValueError("%s holds a public key, not a signing key" % path)
-    return key
-
-
-def load_trusted_senders(directory):
-    """Return ``{name: Ed25519 public key}`` for every ``<name>.pub`` file in ``directory``."""
-    senders = {}
-    for path in sorted(Path(directory).glob("*.pub")):
-        _check_sender_name(path.stem)
-        senders[path.stem] = _import_ed25519(path).public_key()
-    return senders
-
-
-def _import_rsa(path):
-    try:
-        return RSA.import_key(Path(path).read_bytes())
-    except (ValueError, IndexError, TypeError):
-        raise ValueError("%s does not hold an RSA key in PEM form" % path) from None
-
-
-def _import_ed25519(path):
-    try:
-        key = ECC.import_key(Path(path).read_bytes())
-    except (ValueError, IndexError, TypeError):
-        key = None
-    if key is None or key.curve != "Ed25519":
-        raise ValueError("%s does not hold an Ed25519 key in PEM form" % path)
-    return key
-
-
-def _check_sender_name(name):
-    if not isinstance(name, str) or not _SENDER_NAME.fullmatch(name):
-        raise ValueError("invalid sender name %r (1-64 of A-Z a-z 0-9 . _ -, "
-                         "starting with a letter or digit)" % (name,))
-
-
-def _refuse_existing(first, second, force):
-    for path in (first, second):
-        if not force and os.path.lexists(path):
-            raise FileExistsError(errno.EEXIST, "key file already exists", str(path))
-
-
-def _write_key_pair(private_path, private_pem, public_path, public_pem, force):
-    private_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_new_file(private_path, private_pem, 0o600, force)
-    _write_new_file(public_path, public_pem, 0o644, force)
-
-
-def _write_new_file(path, data, mode, force):
-    """Create ``path`` with ``mode`` from the first byte on (O_EXCL: no symlink, no race).
-
-    ``force`` removes an old file first rather than truncating it, because a
-    truncated file would keep its old -- possibly wider -- permissions.
-    """
-    if force:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with open(fd, "wb") as file:
-        file.write(data)
-
-
-def _rsa_public(key):
-    if isinstance(key, RSA.RsaKey):
-        return key.public_key()
-    return load_public_key(key)
-
-
-def _rsa_private(key):
-    if isinstance(key, RSA.RsaKey):
-        if not key.has_private():
-            raise ValueError("an Opener needs the RSA private key")
-        return key
-    return load_private_key(key)
-
-
-def _ed25519(key, private):
-    if not isinstance(key, ECC.EccKey):
-        key = load_signing_key(key) if private else _import_ed25519(key).public_key()
-    if key.curve != "Ed25519" or (private and not key.has_private()):
-        raise ValueError("expected an Ed25519 %s key" % ("signing" if private else "public"))
-    return key
-
-
 # -- sealing ---------------------------------------------------------------
 
 class Sealer:
@@ -256,23 +104,24 @@ class Sealer:
     def __init__(self, public_key, *, version=2, key_reuse=1, signing_key=None, sender=None,
                  clock=time.time):
         if version not in (1, 2):
-            raise ValueError("unsupported envelope version %r" % (version,))
+            raise UsageError("unsupported envelope version %r" % (version,))
         if not 1 <= key_reuse <= MAX_KEY_REUSE:
-            raise ValueError("key_reuse must be from 1 to %d" % MAX_KEY_REUSE)
+            raise UsageError("key_reuse must be from 1 to %d" % MAX_KEY_REUSE)
         if sender is not None:
-            _check_sender_name(sender)
+            keys.check_sender_name(sender)
         if signing_key is not None and sender is None:
-            raise ValueError("a signing key needs a sender name")
+            raise UsageError("a signing key needs a sender name")
         if version == 1 and sender is not None:
-            raise ValueError("v1 envelopes carry no sender and no signature")
+            raise UsageError("v1 envelopes carry no sender and no signature")
         self.version = version
         self.key_reuse = key_reuse
         self.sender = sender
         self._clock = clock
-        self._rsa = PKCS1_OAEP.new(_rsa_public(public_key), hashAlgo=_OAEP_HASH[version])
+        self._rsa = PKCS1_OAEP.new(keys.rsa_public_key(public_key),
+                                   hashAlgo=_OAEP_HASH[version])
         self._signer = None
         if signing_key is not None:
-            self._signer = eddsa.new(_ed25519(signing_key, private=True), "rfc8032")
+            self._signer = eddsa.new(keys.ed25519_key(signing_key, private=True), "rfc8032")
         self._lock = threading.Lock()
         self._session = None        # (session_key, enc_session_key as base64 text)
         self._uses_left = 0
@@ -357,20 +206,21 @@ class Opener:
 
     def __init__(self, private_key, *, strict=False, trusted_senders=None, require_signature=False,
                  max_age_seconds=None, session_cache_size=1024, clock=time.time):
-        key = _rsa_private(private_key)
+        key = keys.rsa_private_key(private_key)
         self._rsa = {version: PKCS1_OAEP.new(key, hashAlgo=hash_module)
                      for version, hash_module in _OAEP_HASH.items()}
         self._enc_key_bytes = key.size_in_bytes()
         if isinstance(trusted_senders, (str, os.PathLike)):
-            trusted_senders = load_trusted_senders(trusted_senders)
+            trusted_senders = keys.load_trusted_senders(trusted_senders)
         self._verifiers = None      # None: no trust list, signatures cannot be checked
         if trusted_senders is not None:
             self._verifiers = {}
             for name, public_key in trusted_senders.items():
-                _check_sender_name(name)
-                self._verifiers[name] = eddsa.new(_ed25519(public_key, private=False), "rfc8032")
+                keys.check_sender_name(name)
+                public_key = keys.ed25519_key(public_key, private=False)
+                self._verifiers[name] = eddsa.new(public_key, "rfc8032")
         if require_signature and not self._verifiers:
-            raise ValueError("require_signature needs at least one trusted sender")
+            raise UsageError("require_signature needs at least one trusted sender")
         self.strict = strict
         self.require_signature = require_signature
         self.max_age_seconds = max_age_seconds
@@ -473,7 +323,7 @@ class Opener:
         """
         sender = envelope.get("sender")
         if sender is not None and (not isinstance(sender, str)
-                                   or not _SENDER_NAME.fullmatch(sender)):
+                                   or not keys.SENDER_NAME.fullmatch(sender)):
             raise _Refused("invalid sender name")
         if self._verifiers is None:
             return sender

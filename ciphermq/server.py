@@ -8,9 +8,14 @@ With ``data_dir`` set, the broker first replays its journal (see
 :mod:`ciphermq.journal`) and then appends to it; without it, everything lives
 in memory, as in the design document, and a crash loses what is queued.
 
+With ``http_port`` set, a read-only dashboard (see :mod:`ciphermq.dashboard`)
+serves the stats over HTTP on the broker's host.
+
 Shutdown order (``stop()``), each step waiting for the one before:
 
-1. stop accepting: ``shutdown()`` ends ``serve_forever`` in the accept thread;
+1. stop accepting: the dashboard stops serving and sampling (``ciphermq-http``
+   and ``ciphermq-metrics`` joined), then ``shutdown()`` ends ``serve_forever``
+   in the accept thread;
 2. stop the redelivery timer;
 3. shut every open connection's socket down, so its reader sees EOF, hands its
    unacked messages back to the broker and stops its delivery thread;
@@ -31,8 +36,9 @@ from .broker import Broker
 from .chaos import Chaos, ChaosSpecError
 from .config import ServerConfig
 from .connection import Connection
+from .dashboard import Dashboard
 from .envelope import EnvelopeLimits
-from .journal import Journal, JournalError
+from .journal import EXIT_DAMAGED, Journal, JournalDamaged, JournalError
 from .logins import LoginGuard
 from .redelivery import RedeliveryTimer
 from .transport import server_tls_context
@@ -70,7 +76,11 @@ class BrokerServer(socketserver.ThreadingTCPServer):
             restored = self.broker.restore(state)
             log.info("Journal %s: recovered %d message(s), %d queue(s), %d acked id(s)",
                      self.journal.path, restored, len(state.queues), len(state.acked))
-            self.journal.start(snapshot=self.broker.snapshot_to_journal)
+            try:
+                self.journal.start(snapshot=self.broker.snapshot_to_journal)
+            except JournalError:
+                self.journal.close()
+                raise
         self.broker.declare_defaults()
         #: Guards _connections (the open Connection handlers), _admitted
         #: (accepted and not yet finished, for max_connections) and _stopping.
@@ -80,9 +90,13 @@ class BrokerServer(socketserver.ThreadingTCPServer):
         self._stopping = False
         self._timer = RedeliveryTimer(self.broker)
         self._accept_thread = None
+        self.dashboard = None
         try:
             super().__init__((self.config.host, self.config.port), Connection)
+            if self.config.http_port is not None:
+                self.dashboard = self._make_dashboard()
         except OSError:
+            self.server_close()
             if self.journal is not None:
                 self.journal.close()
             raise
@@ -91,9 +105,16 @@ class BrokerServer(socketserver.ThreadingTCPServer):
         """With ``data_dir``: the journal and the state it recovered; else (None, None)."""
         if self.config.data_dir is None:
             return None, None
-        journal = Journal(self.config.data_dir, compact_min_bytes=self.config.compact_min_bytes)
+        journal = Journal(self.config.data_dir,
+                          compact_min_bytes=self.config.compact_min_bytes,
+                          retry_interval=self.config.journal_retry_interval,
+                          repair=self.config.repair)
         journal.on_failure = self.stop_requested.set
-        return journal, recovery.fold(journal.recover())
+        try:
+            return journal, recovery.fold(journal.recover())
+        except JournalError:
+            journal.close()
+            raise
 
     def _make_broker(self, clock):
         config = self.config
@@ -111,6 +132,20 @@ class BrokerServer(socketserver.ThreadingTCPServer):
             clock=clock,
             journal=self.journal)
 
+    def _make_dashboard(self):
+        config = self.config
+        return Dashboard(config.host, config.http_port, self._dashboard_stats, users=self.users,
+                         clock=self.broker.clock, request_timeout=config.http_request_timeout,
+                         max_request_bytes=config.http_max_request_bytes,
+                         max_connections=config.http_max_connections)
+
+    def _dashboard_stats(self):
+        """``Broker.stats()`` plus the number of open connections."""
+        stats = self.broker.stats()
+        with self._connections_lock:
+            stats["connections"] = len(self._connections)
+        return stats
+
     @property
     def address(self):
         """The ``(host, port)`` actually bound (the real port when asked for 0)."""
@@ -122,6 +157,8 @@ class BrokerServer(socketserver.ThreadingTCPServer):
         self._accept_thread = threading.Thread(
             target=self.serve_forever, kwargs={"poll_interval": 0.2}, name="ciphermq-accept")
         self._accept_thread.start()
+        if self.dashboard is not None:
+            self.dashboard.start()
         log.info("CipherMQ broker listening on %s:%d", *self.address)
         if self.chaos:
             log.warning("CHAOS MODE ON (%s, seed %s): faults will be injected on purpose",
@@ -130,6 +167,8 @@ class BrokerServer(socketserver.ThreadingTCPServer):
 
     def stop(self, timeout=5.0):
         """Stop in the documented order; safe twice, from any thread but the accept thread."""
+        if self.dashboard is not None:
+            self.dashboard.stop(timeout)
         if self._accept_thread is not None:
             self.shutdown()
             self._accept_thread.join(timeout)
@@ -250,6 +289,9 @@ def build_parser():
         help="require client certificates signed by this CA (mutual TLS)")
     add("--compact-min-bytes", type=int, default=defaults.compact_min_bytes, metavar="BYTES",
         help="with --data-dir: never compact a journal smaller than this (default %(default)s)")
+    add("--repair", action="store_true",
+        help="with --data-dir: if the journal is damaged, keep every intact record and move "
+             "the damaged bytes to a new journal.damaged.* file (default: refuse to start)")
     # -- broker-wide bounds against hostile clients (docs/SECURITY.md, "Bounds") --
     add("--max-memory", type=int, default=defaults.max_memory, metavar="BYTES",
         help="queued envelope bytes, every copy counted; beyond it publishes are refused "
@@ -267,6 +309,9 @@ def build_parser():
              "drop-delivery=0.02,disconnect=0.01,delay-ms=0-20 (default: off)")
     add("--chaos-seed", type=int, default=None, metavar="N",
         help="seed for --chaos, so a run can be repeated")
+    add("--http-port", type=int, default=None, metavar="PORT",
+        help="serve a read-only dashboard, /api/stats and Prometheus /metrics on this port "
+             "of --host; 0 = any free port, logged at start (default: off)")
     add("--log-level", default="INFO",
         choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="(default %(default)s)")
     add("--version", action="version", version="%(prog)s " + __version__)
@@ -285,6 +330,9 @@ def main(argv=None):
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         server = BrokerServer(config_from_args(args))
+    except JournalDamaged as exc:
+        log.error("%s", exc)
+        return EXIT_DAMAGED                 # 4: the journal needs --repair (or a human)
     except (JournalError, ChaosSpecError, ValueError) as exc:
         log.error("%s", exc)
         return 1

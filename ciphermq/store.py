@@ -22,12 +22,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import CipherMQError
-
-
-class CorruptFile(CipherMQError):
-    """A line other than the last is not a valid record: not a crash artefact, so
-    nothing is cut off and the owner refuses to go on (the file needs a human)."""
+from . import files
+from .errors import CorruptFile
 
 
 def encode(record):
@@ -51,10 +47,10 @@ class JsonLinesFile:
         self.records_loaded = 0
         if self.path.exists():
             self._load()
-            self._file = open(self.path, "ab")
-        else:
-            self._file = open(self.path, "ab")
-            _fsync_directory(self.path.parent)      # the new name must survive too
+            self._file = files.open_append(self.path)
+        else:                       # created 0600: it may hold plaintext (see files.py)
+            self._file = files.open_append(self.path)
+            files.fsync_directory(self.path.parent)     # the new name must survive too
 
     def loaded(self, record):
         """Hook: called with each intact record (a dict) when the file is opened."""
@@ -62,7 +58,7 @@ class JsonLinesFile:
     def _load(self):
         intact_end = 0              # offset just past the last intact line
         bad_line = None             # (number, reason) of an invalid line, if one was seen
-        with open(self.path, "r+b") as file:
+        with files.open_existing(self.path) as file:
             for number, line in enumerate(file, 1):
                 if bad_line is not None:
                     raise CorruptFile("%s: line %d %s; it is not the last line, so it is "
@@ -115,6 +111,7 @@ class JsonLinesFile:
         leaves either the old file or the new one, never a mixture.
         """
         self._file.close()
+        # mkstemp: a new random name, O_EXCL|O_NOFOLLOW, mode 0600 -- what files.py asks for.
         fd, temp_path = tempfile.mkstemp(dir=str(self.path.parent),
                                          prefix=self.path.name + ".", suffix=".tmp")
         try:
@@ -128,8 +125,8 @@ class JsonLinesFile:
             _remove_quietly(temp_path)
             raise
         finally:
-            self._file = open(self.path, "ab")
-        _fsync_directory(self.path.parent)
+            self._file = files.open_append(self.path)
+        files.fsync_directory(self.path.parent)
 
     def close(self):
         """Flush and close; safe to call twice."""
@@ -178,20 +175,6 @@ class MessageStore(JsonLinesFile):
         super().sync()
         self.processed.update(self._unsynced)
         self._unsynced.clear()
-
-
-def _fsync_directory(directory):
-    """Make a file's creation or rename durable (POSIX; a no-op where impossible)."""
-    try:
-        fd = os.open(str(directory), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass                        # some filesystems and platforms cannot fsync a directory
-    finally:
-        os.close(fd)
 
 
 def _remove_quietly(path):

@@ -32,13 +32,9 @@ import struct
 import threading
 import time
 
-from .errors import CipherMQError
+from .errors import TransportError
 
 RECV_BYTES = 256 * 1024
-
-
-class TransportError(CipherMQError):  # moves to errors.py
-    """The TLS handshake failed or timed out."""
 
 
 def set_timeouts(sock, read_seconds, write_seconds):

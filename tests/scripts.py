@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from ciphermq import crypto
+from ciphermq import keys as keyfiles
 
 REPO = Path(__file__).resolve().parent.parent
 SENDER = str(REPO / "bin" / "Sender.py")
@@ -39,7 +40,7 @@ def load_script(name):
 @pytest.fixture(scope="session")
 def keys(tmp_path_factory):
     """A 1024-bit receiver key pair (fast to make and use): (private_path, public_path)."""
-    return crypto.write_rsa_key_pair(tmp_path_factory.mktemp("keys"), bits=1024)
+    return keyfiles.write_rsa_key_pair(tmp_path_factory.mktemp("keys"), bits=1024)
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,9 @@ from Crypto.Random import get_random_bytes
 from Crypto.Signature import eddsa
 
 from ciphermq import crypto
+from ciphermq import keys as keyfiles
 from ciphermq.crypto import REJECTED, Opener, Sealer
-from ciphermq.errors import DecryptionError
+from ciphermq.errors import DecryptionError, KeyFileError
 
 # 1024-bit keys keep the suite fast; OAEP-SHA256 still fits a 16-byte key in them.
 BITS = 1024
@@ -145,11 +146,11 @@ def test_strict_mode_refuses_v1_before_rsa(rsa_key):
 
 def test_document_named_functions_take_key_paths(rsa_key, tmp_path):
     """encrypt/decrypt_message_hybrid accept PEM paths and default to v2."""
-    private_path, public_path = crypto.write_rsa_key_pair(tmp_path, bits=BITS)
+    private_path, public_path = keyfiles.write_rsa_key_pair(tmp_path, bits=BITS)
     envelope = crypto.encrypt_message_hybrid("via paths", public_path, "id-7")
     assert envelope["v"] == 2 and envelope["message_id"] == "id-7"
     assert crypto.decrypt_message_hybrid(envelope, private_path) == "via paths"
-    v1 = seed_document_envelope("legacy", crypto.load_public_key(public_path))
+    v1 = seed_document_envelope("legacy", keyfiles.load_public_key(public_path))
     assert crypto.decrypt_message_hybrid(v1, str(private_path)) == "legacy"
 
 
@@ -357,17 +358,17 @@ def test_require_signature_needs_trusted_senders(rsa_key):
 
 def test_trusted_senders_load_from_pub_files(rsa_key, tmp_path):
     """Signing pairs are NAME.key (0600) + NAME.pub; a directory of .pub files is a trust list."""
-    key_path, pub_path = crypto.write_signing_key_pair(tmp_path, "alice")
+    key_path, pub_path = keyfiles.write_signing_key_pair(tmp_path, "alice")
     assert (key_path.name, pub_path.name) == ("alice.key", "alice.pub")
     assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
-    assert set(crypto.load_trusted_senders(tmp_path)) == {"alice"}
+    assert set(keyfiles.load_trusted_senders(tmp_path)) == {"alice"}
     envelope = sealer(rsa_key, sender="alice", signing_key=key_path).seal("hi")
     receiver = opener(rsa_key, trusted_senders=tmp_path, require_signature=True)
     assert receiver.open(envelope) == "hi"
     with pytest.raises(FileExistsError):
-        crypto.write_signing_key_pair(tmp_path, "alice")
+        keyfiles.write_signing_key_pair(tmp_path, "alice")
     with pytest.raises(ValueError):
-        crypto.write_signing_key_pair(tmp_path, "../evil")
+        keyfiles.write_signing_key_pair(tmp_path, "../evil")
 
 
 def test_sealer_refuses_inconsistent_options(rsa_key, signers):
@@ -468,25 +469,25 @@ def test_private_key_file_is_0600_even_with_umask_0(tmp_path):
     """The private key is created 0600 from its first byte, whatever the umask."""
     old_umask = os.umask(0)
     try:
-        private_path, public_path = crypto.write_rsa_key_pair(tmp_path / "keys", bits=BITS)
+        private_path, public_path = keyfiles.write_rsa_key_pair(tmp_path / "keys", bits=BITS)
     finally:
         os.umask(old_umask)
     assert private_path.name == "receiver_private.pem"
     assert stat.S_IMODE(private_path.stat().st_mode) == 0o600
     assert stat.S_IMODE(public_path.stat().st_mode) == 0o644
-    assert crypto.load_private_key(private_path).has_private()
-    assert not crypto.load_public_key(public_path).has_private()
+    assert keyfiles.load_private_key(private_path).has_private()
+    assert not keyfiles.load_public_key(public_path).has_private()
 
 
 def test_key_pair_is_not_overwritten_without_force(tmp_path):
     """write_rsa_key_pair refuses to replace keys unless forced; forced, it recreates 0600."""
-    private_path, _ = crypto.write_rsa_key_pair(tmp_path, bits=BITS)
+    private_path, _ = keyfiles.write_rsa_key_pair(tmp_path, bits=BITS)
     before = private_path.read_bytes()
     with pytest.raises(FileExistsError):
-        crypto.write_rsa_key_pair(tmp_path, bits=BITS)
+        keyfiles.write_rsa_key_pair(tmp_path, bits=BITS)
     assert private_path.read_bytes() == before
     private_path.chmod(0o644)                   # an old, too-open file...
-    crypto.write_rsa_key_pair(tmp_path, bits=BITS, force=True)
+    keyfiles.write_rsa_key_pair(tmp_path, bits=BITS, force=True)
     assert private_path.read_bytes() != before
     assert stat.S_IMODE(private_path.stat().st_mode) == 0o600     # ...is not reused
 
@@ -495,21 +496,24 @@ def test_existing_public_key_alone_blocks_writing(tmp_path):
     """Either file of the pair existing is enough to refuse, so a pair is never half-replaced."""
     (tmp_path / "receiver_public.pem").write_bytes(b"old")
     with pytest.raises(FileExistsError):
-        crypto.write_rsa_key_pair(tmp_path, bits=BITS)
+        keyfiles.write_rsa_key_pair(tmp_path, bits=BITS)
     assert not (tmp_path / "receiver_private.pem").exists()
 
 
 def test_key_loaders_reject_the_wrong_kind_of_key(tmp_path):
-    """Loading a public key as private, or garbage as a key, is a clear ValueError."""
-    private_path, public_path = crypto.write_rsa_key_pair(tmp_path, bits=BITS)
+    """Loading a public key as private, garbage or a missing file as a key, is a clear
+    KeyFileError (a ValueError), never an OSError or a pycryptodome exception."""
+    private_path, public_path = keyfiles.write_rsa_key_pair(tmp_path, bits=BITS)
     garbage = tmp_path / "garbage.pem"
     garbage.write_bytes(b"not a key")
-    for load, path in ((crypto.load_private_key, public_path), (crypto.load_public_key, garbage),
-                       (crypto.load_signing_key, private_path)):
-        with pytest.raises(ValueError):
+    for load, path in ((keyfiles.load_private_key, public_path),
+                       (keyfiles.load_public_key, garbage),
+                       (keyfiles.load_public_key, tmp_path / "missing.pem"),
+                       (keyfiles.load_signing_key, private_path)):
+        with pytest.raises(KeyFileError, match=str(path.name)):
             load(path)
-    with pytest.raises(ValueError):
-        Opener(crypto.load_public_key(public_path))
+    with pytest.raises(KeyFileError):
+        Opener(keyfiles.load_public_key(public_path))
 
 
 # -- the negatives run --------------------------------------------------------

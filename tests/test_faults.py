@@ -2,8 +2,9 @@
 
 Each scenario starts a broker (``python -m ciphermq.server``), ``bin/Sender.py -v``
 and ``bin/Receiver.py`` as processes, breaks something on purpose, lets them
-recover on their own, and hands the files they leave -- the Sender's saved
-stdout, its outbox, the Receiver's output and rejects files -- to the checker.
+recover on their own, and hands the files they leave -- the Sender's ``--record``
+(one file that every run, killed or not, appends to), its outbox, the
+Receiver's output and rejects files -- to the checker.
 A scenario passes only with 0 lost and 0 duplicated.  The one exception is
 the negative control: a memory-only broker killed with messages queued, where
 the checker must see the loss the documentation warns about.
@@ -39,16 +40,14 @@ from scripts import (
     PATIENCE,
     ScriptProcess,
     intact_ids,
-    load_script,
     receiver_args,
     script_env,
     sender_args,
 )
 
 from ciphermq import checker
+from ciphermq.receiver import CRASH_POINTS, CRASHED  # the CIPHERMQ_CRASH_AT test hook
 
-CRASH_POINTS = load_script("Receiver").CRASH_POINTS
-CRASHED = 70                    # the Receiver's exit status at a CIPHERMQ_CRASH_AT point
 #: The documented chaos rates (docs/CLIENTS.md), with a short delay to keep CI quick.
 CHAOS = "drop-ack=0.05,drop-confirm=0.05,drop-delivery=0.02,disconnect=0.01,delay-ms=0-5"
 ACK_LINE = "✅ [SENDER] Server ACK received"
@@ -100,6 +99,7 @@ class FaultRun:
         self.output = self.workdir / "received_messages.json"
         self.outbox = self.workdir / "pending_messages.json"
         self.messages = self.workdir / "messages.txt"
+        self.record = self.workdir / "sender_record.json"
         self.sender_logs = []
         self.receiver_logs = []
         self.faults = collections.Counter()
@@ -129,7 +129,7 @@ class FaultRun:
         self.sender_logs.append(log)
         source = os.devnull if resume else str(self.messages)
         return self._spawn(sender_args(port, self.keys, self.outbox, "--file", source, "-v",
-                                       *args), log)
+                                       "--record", str(self.record), *args), log)
 
     def start_receiver(self, port, *args, env=None):
         log = self.workdir / ("receiver-%d.log" % (len(self.receiver_logs) + 1))
@@ -195,7 +195,7 @@ class FaultRun:
         return len(intact_ids(self.output))
 
     def check(self):
-        return checker.check(self.sender_logs, self.output, outboxes=[self.outbox])
+        return checker.check([self.record], self.output, outboxes=[self.outbox])
 
 
 class Result(NamedTuple):
@@ -373,10 +373,14 @@ def _write(path, lines):
     return path
 
 
+def _event(event, message_id):
+    return json.dumps({"event": event, "message_id": message_id})
+
+
 def _sent(message_id, acked=True):
-    lines = ["🚀 [SENDER] Sending message %s..." % message_id]
+    lines = [_event("attempted", message_id)]
     if acked:
-        lines.append("✅ [SENDER] Server ACK received for message %s" % message_id)
+        lines.append(_event("acked", message_id))
     return lines
 
 
@@ -386,10 +390,11 @@ def _stored(*ids):
 
 def test_checker_counts_lost_duplicated_held_and_dropped_messages(tmp_path):
     """The checker finds every way a message can go wrong: lost, stored twice, dropped."""
-    log = _write(tmp_path / "sender.log",
+    log = _write(tmp_path / "sender_record.json",
                  _sent("ok") + _sent("lost") + _sent("twice") + _sent("held", acked=False)
-                 + _sent("dropped", acked=False) + _sent("refused")
-                 + ["🚀 [SENDER] Sending message ok (attempt 2 of 3)..."])
+                 + _sent("dropped", acked=False) + [_event("failed", "dropped")]
+                 + [_event("attempted", "refused"), _event("refused", "refused")]
+                 + _sent("refused") + [_event("attempted", "ok")])
     output = _write(tmp_path / "out.json", _stored("ok", "twice", "twice"))
     _write(tmp_path / "out.rejects.json", [json.dumps({"message_id": "refused"})])
     outbox = _write(tmp_path / "outbox.json", [
@@ -405,31 +410,34 @@ def test_checker_counts_lost_duplicated_held_and_dropped_messages(tmp_path):
     assert "1 lost" in report and "twice (2 times)" in report and "1 dropped" in report
 
 
-def test_checker_ignores_torn_lines_and_needs_per_message_lines(tmp_path):
-    """A torn last line (a process killed mid-print) never counts; a log without -v is refused."""
-    log = tmp_path / "sender.log"
-    log.write_text("\n".join(_sent("a")) + "\n✅ [SENDER] Server ACK received for message a-b",
-                   encoding="utf-8")
+def test_checker_ignores_torn_lines_and_refuses_what_is_not_a_record(tmp_path):
+    """A torn last line (a process killed mid-write) never counts; a file whose lines are
+    not Sender records -- a saved stdout, say -- is refused rather than read as empty."""
+    log = tmp_path / "sender_record.json"
+    log.write_text("\n".join(_sent("a") + _sent("a-b", acked=False)) + "\n"
+                   + _event("acked", "a-b")[:-3], encoding="utf-8")
     output = tmp_path / "out.json"
     output.write_text(_stored("a")[0] + '\n{"message_id": "a-b", "mess', encoding="utf-8")
     tally = checker.check([log], output)
     assert tally.ok and tally.acked == {"a"} and set(tally.stored) == {"a"}
     assert sorted(tally.torn) == sorted([str(log), str(output)])
-    quiet = _write(tmp_path / "quiet.log", ["📊 [SENDER] 20 of 20 messages acknowledged "
-                                            "(0.1 s, 200 msg/s)"])
-    with pytest.raises(checker.CheckError, match="-v"):
-        checker.check([quiet], output)
+    stdout = _write(tmp_path / "sender.log", ["✅ [SENDER] Server ACK received for message a"])
+    with pytest.raises(checker.CheckError, match="not a JSON object"):
+        checker.check([stdout], output)
+    unknown = _write(tmp_path / "unknown.json", [_event("delivered", "a")])
+    with pytest.raises(checker.CheckError, match="not a Sender record"):
+        checker.check([unknown], output)
 
 
 def test_checker_command_line_exit_status(tmp_path):
     """``python -m ciphermq.checker`` exits 0 for a clean run, 1 for a loss, 2 for bad input."""
-    log = _write(tmp_path / "sender.log", _sent("a") + _sent("b"))
+    log = _write(tmp_path / "sender_record.json", _sent("a") + _sent("b"))
     clean = _write(tmp_path / "clean.json", _stored("a", "b"))
     short = _write(tmp_path / "short.json", _stored("a"))
     bad = _write(tmp_path / "bad.json", ["not json", _stored("a")[0]])
 
     def run(output):
-        return subprocess.run([sys.executable, "-m", "ciphermq.checker", "--sender-log",
+        return subprocess.run([sys.executable, "-m", "ciphermq.checker", "--record",
                                str(log), "--output", str(output)],
                               capture_output=True, text=True, timeout=PATIENCE,
                               env=script_env())
@@ -437,6 +445,22 @@ def test_checker_command_line_exit_status(tmp_path):
     assert ok.returncode == 0 and "✅ [CHECKER] 0 lost, 0 duplicated" in ok.stdout
     assert lossy.returncode == 1 and "❌ [CHECKER] 1 lost" in lossy.stdout
     assert unusable.returncode == 2 and "line 1 is not a JSON object" in unusable.stderr
+
+
+def test_checker_without_arguments_reads_the_files_of_make_send_and_make_receive(tmp_path):
+    """``python -m ciphermq.checker`` alone reads sender_record.json, received_messages.json
+    and pending_messages.json in the current directory: it sees what the outbox holds."""
+    _write(tmp_path / "sender_record.json",
+           _sent("a") + _sent("held", acked=False) + _sent("dropped", acked=False))
+    _write(tmp_path / "received_messages.json", _stored("a"))
+    _write(tmp_path / "pending_messages.json", [json.dumps({"message_id": "held"})])
+    result = subprocess.run([sys.executable, "-m", "ciphermq.checker"], capture_output=True,
+                            text=True, timeout=PATIENCE, env=script_env(), cwd=str(tmp_path))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "attempted 3, ACKed 1, stored 1" in result.stdout
+    assert "never ACKed 2 (1 still held in an outbox)" in result.stdout
+    assert "❌ [CHECKER] 1 dropped" in result.stdout
+    assert result.stdout.rstrip().endswith(": dropped"), "the dropped id is named"
 
 
 # -- the tests: the matrix ------------------------------------------------------------------

@@ -9,7 +9,7 @@ from conftest import WAIT, Wire, parse_message, publish_line
 from ciphermq import journal as journal_module
 from ciphermq import recovery
 from ciphermq.config import ServerConfig
-from ciphermq.journal import Journal, JournalError, encode, read_records
+from ciphermq.journal import JournalError
 from ciphermq.server import BrokerServer
 
 
@@ -35,25 +35,7 @@ def stats(client):
 
 # -- the file format ------------------------------------------------------------
 
-def test_torn_tail_is_cut_and_everything_before_it_kept(tmp_path):
-    """A record half-written by a crash is cut off; every whole record before it survives."""
-    path = tmp_path / "journal.log"
-    good = encode(b"Q q1") + encode(b"Q q2")
-    path.write_bytes(good + encode(b"Q q3")[:7])
-    journal = Journal(tmp_path)
-    assert journal.recover() == [b"Q q1", b"Q q2"]
-    journal.close()
-    assert path.read_bytes() == good
-    assert (tmp_path / "journal.corrupt-tail").exists()
-
-
-def test_corrupt_record_stops_replay_there(tmp_path):
-    """A record whose checksum does not match is never replayed."""
-    path = tmp_path / "journal.log"
-    bad = bytearray(encode(b"Q q2"))
-    bad[-2] ^= 0x01
-    path.write_bytes(encode(b"Q q1") + bytes(bad) + encode(b"Q q3"))
-    assert [payload for payload, _ in read_records(path)] == [b"Q q1"]
+# Torn tails, damage and --repair: tests/test_journal_faults.py.
 
 
 def test_second_broker_on_the_same_directory_is_refused(durable_server, tmp_path):
@@ -132,18 +114,7 @@ def test_concurrent_publishers_share_fsyncs(durable_server, monkeypatch):
             client.close()
 
 
-def test_journal_failure_acks_nothing_and_stops_the_broker(durable_server, monkeypatch):
-    """If the disk fails, no ACK is sent for what it did not store, and the broker asks to stop."""
-    def broken_fdatasync(fd):
-        raise OSError(5, "Input/output error")
-
-    server, client = connected_then_disk_replaced(durable_server, monkeypatch, broken_fdatasync)
-    try:
-        client.send(publish_line("lost-1"))
-        assert client.closed_by_peer(), "connection closed instead of an ACK"
-        assert server.stop_requested.wait(WAIT)
-    finally:
-        client.close()
+# A failing disk (full, EIO): tests/test_journal_faults.py.
 
 
 # -- replay -------------------------------------------------------------------

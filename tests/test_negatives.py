@@ -12,6 +12,7 @@ from scripts import (
 )
 
 from ciphermq import crypto
+from ciphermq import keys as keyfiles
 from ciphermq.client import Client
 
 
@@ -51,7 +52,7 @@ def test_tampered_envelopes_are_all_refused_and_the_queue_drains(server, keys, s
     """300 envelopes tampered field by field, replayed under a new id, truncated or sealed for
     another key: 0 accepted, the receiver survives, each lands in the rejects file, and the
     queue drains."""
-    _, other_public = crypto.write_rsa_key_pair(tmp_path / "other", bits=1024)
+    _, other_public = keyfiles.write_rsa_key_pair(tmp_path / "other", bits=1024)
     sealer, stranger = crypto.Sealer(keys[1]), crypto.Sealer(other_public)
     bad = tampered_envelopes(sealer, stranger, 300, random.Random(5))
     with Client(*server.address, timeout=PATIENCE) as client:

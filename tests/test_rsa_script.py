@@ -8,6 +8,7 @@ from pathlib import Path
 import Crypto
 
 from ciphermq import crypto
+from ciphermq import keys as keyfiles
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -74,8 +75,8 @@ def test_signing_pair_for_a_sender(tmp_path):
     result = run("--out-dir", tmp_path, "--signing", "alice")
     assert result.returncode == 0, result.stderr
     assert mode(tmp_path / "alice.key") == 0o600
-    assert set(crypto.load_trusted_senders(tmp_path)) == {"alice"}
-    assert crypto.load_signing_key(tmp_path / "alice.key").has_private()
+    assert set(keyfiles.load_trusted_senders(tmp_path)) == {"alice"}
+    assert keyfiles.load_signing_key(tmp_path / "alice.key").has_private()
     assert not (tmp_path / "receiver_private.pem").exists()
     assert run("--out-dir", tmp_path, "--signing", "alice").returncode == 1
 

@@ -1,4 +1,5 @@
 """bin/Sender.py as a process: every message ACKed once, through lost ACKs, kills and outages."""
+import json
 import os
 
 import pytest
@@ -12,7 +13,8 @@ from scripts import (
     sender_args,
 )
 
-from ciphermq import access, crypto
+from ciphermq import access, checker
+from ciphermq import keys as keyfiles
 from ciphermq.outbox import Outbox
 
 TEST_MESSAGE = load_script("Sender").TEST_MESSAGE
@@ -61,6 +63,26 @@ def test_many_messages_give_a_progress_line_not_one_line_each(server, keys, tmp_
     assert result.returncode == 0, result.stderr
     assert "🚀" not in result.stdout and "✅" not in result.stdout
     assert "📊 [SENDER] 50 of 50 messages acknowledged" in result.stdout
+
+
+def test_the_record_names_every_message_attempted_and_acked_even_without_v(
+        server, keys, spawn, tmp_path):
+    """--record holds an attempted and an acked line for every message whatever -v says, and
+    the checker, reading it with the receiver's output, finds each message stored once."""
+    record, outbox, output = (tmp_path / name for name in ("record.json", "pending.json",
+                                                           "out.json"))
+    result = run_sender(server.address[1], keys, outbox, "--count", "30", "--record",
+                        str(record))
+    assert result.returncode == 0, result.stderr
+    assert "🚀" not in result.stdout, "no per-message stdout lines: the record stands alone"
+    events = [json.loads(line) for line in record.read_text(encoding="utf-8").splitlines()]
+    attempted = [e["message_id"] for e in events if e["event"] == "attempted"]
+    acked = [e["message_id"] for e in events if e["event"] == "acked"]
+    assert len(set(attempted)) == 30 and sorted(acked) == sorted(attempted)
+    records = receive_all(server.address[1], keys, spawn, output, 30)
+    tally = checker.check([record], output, outboxes=[outbox])
+    assert tally.ok and tally.acked == set(tally.stored) == set(attempted), tally.report()
+    assert len(records) == 30
 
 
 @pytest.mark.parametrize("window", [1, 8])
@@ -176,6 +198,25 @@ def test_bad_keys_are_a_usage_error(tmp_path):
     assert not outbox.exists()
 
 
+@pytest.mark.parametrize("options", [
+    ["--token-file", "token.txt"],                      # without --auth
+    ["--auth", "alice", "--token-file", "missing.txt"],  # unreadable
+    ["--tls-ca", "missing-ca.pem"],
+    ["--signing-key", "missing.key", "--sender", "alice"],
+    ["--sender", "not a name"],
+    ["--file", "missing-messages.txt"],
+], ids=["token-without-auth", "token-missing", "tls-ca-missing", "signing-key-missing",
+        "bad-sender-name", "message-file-missing"])
+def test_unusable_options_exit_2_with_one_line_and_no_outbox(options, keys, tmp_path):
+    """Options that cannot be used -- a missing file, options that contradict each other --
+    are caught by name (UsageError, KeyFileError): exit 2, one line, no traceback, no outbox."""
+    outbox = tmp_path / "pending.json"
+    result = run_sender(free_port(), keys, outbox, *options, cwd=str(tmp_path))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith("❌ [SENDER]") and "Traceback" not in result.stderr
+    assert not outbox.exists()
+
+
 def test_tls_and_auth_options_reach_the_broker(start_server, certs, keys, spawn, tmp_path):
     """--tls-ca, --auth and --token-file make both scripts work with a TLS broker that
     requires authentication."""
@@ -204,7 +245,7 @@ def test_signed_envelopes_with_key_reuse_pass_a_receiver_that_requires_signature
     """--signing-key/--sender/--key-reuse on the sender and --trusted-senders/
     --require-signature on the receiver: signed messages are stored, unsigned rejected."""
     trusted = tmp_path / "trusted"
-    key, _ = crypto.write_signing_key_pair(trusted, "alice")
+    key, _ = keyfiles.write_signing_key_pair(trusted, "alice")
     unsigned = run_sender(server.address[1], keys, tmp_path / "b.json", "--message", "anon")
     signed = run_sender(server.address[1], keys, tmp_path / "a.json", "--signing-key", str(key),
                         "--sender", "alice", "--key-reuse", "10", "--count", "3")

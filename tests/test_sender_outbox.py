@@ -4,6 +4,7 @@ import json
 import pytest
 
 from ciphermq.outbox import Outbox, record
+from ciphermq.sender import Record
 from ciphermq.store import CorruptFile
 
 
@@ -65,3 +66,16 @@ def test_a_line_that_is_not_a_pending_message_is_refused(tmp_path):
     path.write_text(json.dumps({"message_id": "m1"}) + "\n" + json.dumps(new("m2")) + "\n")
     with pytest.raises(CorruptFile, match="record 1 is not a pending message"):
         Outbox(path)
+
+
+def test_a_record_torn_by_a_kill_is_cut_before_the_next_run_appends(tmp_path):
+    """A Sender killed mid-line leaves a torn record line; the next run cuts it off rather
+    than glue its first line to it, so every whole line stays a record the checker reads."""
+    path = tmp_path / "record.json"
+    path.write_text(json.dumps({"event": "attempted", "message_id": "m1"}) + "\n"
+                    + '{"event": "ack', encoding="utf-8")
+    with Record(path) as run:
+        run.note("acked", "m1")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {"event": "attempted", "message_id": "m1"}, {"event": "acked", "message_id": "m1"}]

@@ -1,0 +1,288 @@
+"""The sender's machinery: the outbox first, then a window of publishes, retries and ACKs.
+
+``bin/Sender.py`` reads like the design document; what it calls lives here.
+
+* :meth:`Sender.accept` seals every new message once -- its ``message_id``
+  fixed -- and writes it to the outbox (``pending_messages.json``), fsynced,
+  before anything is sent: from then on it cannot be lost.
+* :meth:`Sender.deliver` sends the outbox, oldest first, with up to
+  ``window`` publishes in flight on one connection.  A message leaves the
+  outbox when ``ACK <id>`` arrives.  It has :data:`ATTEMPTS` attempts: one
+  fails when its ACK does not come within ``ack_timeout``, when the broker
+  refuses it, or when the connection ends while it is the oldest in flight
+  (the others in flight are sent again at no cost).  A retry sends the
+  identical envelope, so it never makes a second copy.  A lost connection is
+  reopened: :data:`ATTEMPTS` tries, one second apart.
+* :class:`Report` prints the status lines, in the document's words, and
+  writes the optional ``--record`` file the checker reads (:class:`Record`).
+
+Everything here runs in the script's main thread; ``stop`` (an Event set by
+SIGINT/SIGTERM) stops new sends and lets the in-flight ones finish.
+"""
+import collections
+import itertools
+import time
+
+from . import client
+from .errors import ConnectionLost, ServerError
+from .outbox import record
+from .store import JsonLinesFile
+
+ATTEMPTS = 3                # per message, and per reconnection, as the document says
+#: With more messages than this, one progress line replaces the per-message lines (-v: all).
+EACH_LINE_UP_TO = 10
+ACCEPT_CHUNK = 1000         # new messages sealed and made durable per outbox fsync
+
+
+class Record(JsonLinesFile):
+    """The ``--record`` file: one JSON line per event of a message, for the checker.
+
+    ``{"event": "attempted" | "acked" | "refused" | "failed", "message_id": ...}``:
+    attempted -- a publish is about to be written; acked -- ``ACK <id>``
+    arrived (written before the outbox forgets the message); refused -- the
+    broker answered ``Error:``; failed -- out of attempts, the message stays
+    in the outbox.  Runs append to one file.  Each line is flushed as it is
+    written, so a SIGKILL loses none; the torn last line a kill may leave is
+    cut off when the next run opens the file.  Raises OSError or CorruptFile
+    if the file cannot be used.
+    """
+
+    EVENTS = ("attempted", "acked", "refused", "failed")
+
+    def note(self, event, message_id):
+        self.append({"event": event, "message_id": message_id})
+        self.flush()
+
+
+class Pending:
+    """One message on its way: its outbox record, its sends, and its failed attempts."""
+
+    __slots__ = ("record", "sends", "failures")
+
+    def __init__(self, outbox_record):
+        self.record = outbox_record
+        self.sends = 0
+        self.failures = 0
+
+    @property
+    def id(self):
+        return self.record["message_id"]
+
+
+class Report:
+    """The status lines, in the document's words; a progress line for many messages.
+
+    With a :class:`Record`, every event is also written there.
+    """
+
+    def __init__(self, total, verbose, record=None):
+        self.total = total
+        self.each = verbose or total <= EACH_LINE_UP_TO
+        self.record = record
+        self.acked = 0
+        self._started = time.monotonic()
+        self._next_progress = self._started + 1.0
+
+    def say(self, text):
+        print(text, flush=True)
+
+    def _note(self, event, pending):
+        if self.record is not None:
+            self.record.note(event, pending.id)
+
+    def sending(self, pending):
+        self._note("attempted", pending)
+        if self.each:
+            attempt = ""
+            if pending.failures:
+                attempt = " (attempt %d of %d)" % (pending.failures + 1, ATTEMPTS)
+            elif pending.sends > 1:
+                attempt = " (again: the connection was lost)"
+            self.say("🚀 [SENDER] Sending message %s%s..." % (pending.id, attempt))
+
+    def acknowledged(self, pending):
+        self._note("acked", pending)
+        self.acked += 1
+        if self.each:
+            self.say("✅ [SENDER] Server ACK received for message %s" % pending.id)
+        elif time.monotonic() >= self._next_progress:
+            self._next_progress += 1.0
+            self.progress()
+
+    def removed(self, pending):
+        if self.each:
+            self.say("🗑️ [SENDER] Message %s removed from pending messages" % pending.id)
+
+    def refused(self, pending, error):
+        self._note("refused", pending)
+        self.say("⚠️ [SENDER] Broker refused message %s: %s" % (pending.id, error))
+
+    def failed(self, pending):
+        self._note("failed", pending)
+        self.say("❌ [SENDER] Failed to send message %s after %d attempts"
+                 % (pending.id, ATTEMPTS))
+
+    def progress(self):
+        elapsed = time.monotonic() - self._started
+        self.say("📊 [SENDER] %d of %d messages acknowledged (%.1f s, %.0f msg/s)"
+                 % (self.acked, self.total, elapsed, self.acked / max(elapsed, 1e-9)))
+
+
+class Sender:
+    """Delivers the outbox's messages and new ones: windowed, retried, durable.
+
+    ``window``: publishes in flight before waiting for ACKs; ``ack_timeout``:
+    seconds to wait for the oldest one's ACK; ``connect_options``: keyword
+    arguments for :func:`ciphermq.client.connect`; ``record``: a
+    :class:`Record` or None; ``verbose``: a status line for every message.
+    """
+
+    def __init__(self, outbox, *, exchange, routing_key, window, ack_timeout, connect_options,
+                 stop, record=None, verbose=False):
+        self.outbox = outbox
+        self.exchange = exchange
+        self.routing_key = routing_key
+        self.window = window
+        self.ack_timeout = ack_timeout
+        self.connect_options = connect_options
+        self.stop = stop
+        self.record = record
+        self.verbose = verbose
+        self.report = None
+        self.queue = collections.deque()        # Pending, not in flight, next first
+        self.in_flight = collections.deque()    # (Pending, Reply, ACK deadline), oldest first
+        self.unaccepted = 0                     # new messages never accepted (stopped)
+
+    def accept(self, texts, seal):
+        """Seal every new message with ``seal(text)`` and make it durable in the outbox.
+
+        Nothing is sent yet.  From here on no message of this run can be
+        lost: a crash, a kill or giving up leaves it in the outbox for the
+        next run.  One fsync per ACCEPT_CHUNK messages.
+        """
+        leftovers = len(self.outbox)
+        if leftovers:
+            print("📦 [SENDER] %d message(s) left in %s by an earlier run: sending them first"
+                  % (leftovers, self.outbox.path), flush=True)
+        for start in range(0, len(texts), ACCEPT_CHUNK):
+            if self.stop.is_set():
+                self.unaccepted = len(texts) - start
+                return
+            self.outbox.add([record(seal(text), self.exchange, self.routing_key)
+                             for text in texts[start:start + ACCEPT_CHUNK]])
+
+    def deliver(self):
+        """Send all the outbox holds until each is ACKed or out of attempts; the exit status.
+
+        Blocks until done or stopped.  Raises ServerError if the broker
+        refuses the connection itself (authentication).
+        """
+        self.queue.extend(Pending(r) for r in self.outbox.pending())
+        self.report = Report(len(self.queue), self.verbose, self.record)
+        connection = None
+        try:
+            while self.in_flight or (self.queue and not self.stop.is_set()):
+                if connection is None:
+                    connection = self._connect()
+                try:
+                    self._fill_window(connection)
+                    self._await_oldest()
+                except (ConnectionLost, TimeoutError) as exc:
+                    print("🔌 [SENDER] %s; reconnecting" % exc, flush=True)
+                    connection.close()
+                    connection = None
+                    self._take_back_in_flight(time.monotonic())
+        except ConnectionLost as exc:           # could not (re)connect: give up for now
+            print("❌ [SENDER] %s" % exc, flush=True)
+        finally:
+            if connection is not None:
+                connection.close()
+        return self._summary()
+
+    def _connect(self):
+        def retrying(tries, error):
+            print("🔌 [SENDER] %s (try %d of %d); retrying in 1 s" % (error, tries, ATTEMPTS),
+                  flush=True)
+        return client.connect(attempts=ATTEMPTS, stop=self.stop, on_retry=retrying,
+                              timeout=self.ack_timeout, **self.connect_options)
+
+    def _fill_window(self, connection):
+        """Publish queued messages until ``window`` are in flight (one write)."""
+        batch = []
+        while (self.queue and len(self.in_flight) + len(batch) < self.window
+               and not self.stop.is_set()):
+            pending = self.queue.popleft()
+            pending.sends += 1
+            batch.append(pending)
+            self.report.sending(pending)
+        if not batch:
+            return
+        deadline = time.monotonic() + self.ack_timeout
+        try:
+            replies = connection.publish_many(
+                [(p.record["exchange"], p.record["routing_key"], p.record["envelope"])
+                 for p in batch])
+        except ConnectionLost:
+            # The write failed part way: in flight all the same, for the caller to take back.
+            self.in_flight.extend((p, None, deadline) for p in batch)
+            raise
+        self.in_flight.extend((p, reply, deadline) for p, reply in zip(batch, replies))
+
+    def _await_oldest(self):
+        """Wait for the oldest publish's ACK (replies come in order).
+
+        Raises TimeoutError if it does not come in time, ConnectionLost if
+        the connection ends: the caller reconnects and retries.
+        """
+        pending, reply, deadline = self.in_flight[0]
+        try:
+            reply.result(max(0.0, deadline - time.monotonic()))
+        except ServerError as exc:              # refused (queue full, unroutable...)
+            self.in_flight.popleft()
+            self.report.refused(pending, exc)
+            self._retry(pending, front=False, failed=True)  # after the others: give it time
+            return
+        except TimeoutError:
+            raise TimeoutError("no ACK for message %s within %.1f s"
+                               % (pending.id, self.ack_timeout)) from None
+        self.in_flight.popleft()
+        self.report.acknowledged(pending)
+        self.outbox.remove(pending.id)
+        self.report.removed(pending)
+
+    def _take_back_in_flight(self, now):
+        """Queue the in-flight messages again after the connection has ended.
+
+        The oldest -- the one whose ACK was awaited -- has failed an attempt,
+        and so has any whose own ACK is overdue; the others were only caught
+        up in it and are sent again at no cost.
+        """
+        oldest = self.in_flight[0][0] if self.in_flight else None
+        while self.in_flight:
+            pending, _, deadline = self.in_flight.pop()     # newest first: order is kept
+            self._retry(pending, front=True, failed=pending is oldest or deadline <= now)
+
+    def _retry(self, pending, front, failed):
+        if failed:
+            pending.failures += 1
+        if pending.failures >= ATTEMPTS:
+            self.report.failed(pending)         # it stays in the outbox for the next run
+        elif front:
+            self.queue.appendleft(pending)
+        else:
+            self.queue.append(pending)
+
+    def _summary(self):
+        self.report.progress()
+        left = len(self.outbox)
+        if not left and not self.unaccepted:
+            return 0
+        if left:
+            names = [r["message_id"] for r in itertools.islice(self.outbox.pending(), 10)]
+            print("❌ [SENDER] %d message(s) not acknowledged, kept in %s for the next run: %s%s"
+                  % (left, self.outbox.path, ", ".join(names), ", ..." if left > 10 else ""),
+                  flush=True)
+        if self.unaccepted:
+            print("❌ [SENDER] %d message(s) not accepted: stopped before they were written "
+                  "to the outbox" % self.unaccepted, flush=True)
+        return 1
