@@ -33,7 +33,7 @@ class LoginGuard:
         self._unlogged = 0          # failures in the current interval not logged one by one
 
     def allowed(self, address):
-        """False if ``address`` has used up its failures for this window (do not check its token)."""
+        """False if ``address`` has used up its failures this window: do not check its token."""
         now = self.clock()
         with self._lock:
             entry = self._sources.get(address)
