@@ -37,17 +37,37 @@ def stats(wire, queue=None):
     return json.loads(wire.call("stats" if queue is None else "stats " + queue))
 
 
-class LogWaiter(logging.Handler):
-    """Sets ``seen`` when a record whose message contains ``needle`` is emitted."""
+class LogRecorder(logging.Handler):
+    """Keeps every message logged to one logger; sets ``seen`` when one contains ``needle``.
 
-    def __init__(self, needle):
-        super().__init__()
+    Attached to the logger itself, so it sees its records whatever other tests
+    did to propagation or to the root logger (caplog would not).
+    """
+
+    def __init__(self, needle=None):
+        super().__init__(logging.DEBUG)
         self.needle = needle
+        self.messages = []
         self.seen = threading.Event()
 
     def emit(self, record):
-        if self.needle in record.getMessage():
+        message = record.getMessage()
+        self.messages.append(message)
+        if self.needle is not None and self.needle in message:
             self.seen.set()
+
+
+@contextlib.contextmanager
+def recording(logger_name, needle=None):
+    logger = logging.getLogger(logger_name)
+    recorder, level = LogRecorder(needle), logger.level
+    logger.addHandler(recorder)
+    logger.setLevel(logging.INFO)
+    try:
+        yield recorder
+    finally:
+        logger.removeHandler(recorder)
+        logger.setLevel(level)
 
 
 def test_dead_letter_names_count_towards_max_queues(start_server, wires):
@@ -115,25 +135,20 @@ def test_one_connection_holds_at_most_max_unacked_pushed_and_fetched(start_serve
     holder.expect_nothing(within=0.3)
 
 
-def test_mass_requeue_logs_one_summary_line(start_server, wires, caplog):
+def test_mass_requeue_logs_one_summary_line(start_server, wires):
     """A connection that fetched 2,000 messages and vanished is requeued with one
     INFO line naming the count, not 2,000 lines; every message is ready again."""
-    caplog.set_level(logging.INFO, logger="ciphermq")
     server = start_server(max_unacked=2_000)
     publisher, holder = wires(server), wires(server)
     pipelined(publisher, [publish_line() for _ in range(2_000)])
     replies = pipelined(holder, ["fetch default_queue"] * 2_001)
     assert sum(r.startswith("Message: ") for r in replies) == 2_000
     assert replies[-1] == "Error: too many unacked messages on this connection (max 2000)"
-    waiter = LogWaiter("requeued for redelivery")
-    logging.getLogger("ciphermq.broker").addHandler(waiter)
-    try:
+    with recording("ciphermq.broker", "requeued for redelivery") as log:
         holder.close()
-        assert waiter.seen.wait(5)
-    finally:
-        logging.getLogger("ciphermq.broker").removeHandler(waiter)
-    lines = [r.getMessage() for r in caplog.records if "requeued" in r.getMessage()]
-    assert len([line for line in lines if "for redelivery" in line]) == 1
+        assert log.seen.wait(5)
+    lines = [message for message in log.messages if "requeued" in message]
+    assert len(lines) == 1
     assert "2000 message(s) requeued for redelivery (connection closed" in lines[0]
     assert stats(publisher, "default_queue")["queues"]["default_queue"]["ready"] == 2_000
 
@@ -200,24 +215,23 @@ def failed_login(server, token):
         wire.close()
 
 
-def test_failed_logins_are_budgeted_per_source_and_summarised(start_server, users, caplog):
+def test_failed_logins_are_budgeted_per_source_and_summarised(start_server, users):
     """After --login-failure-limit failures an address's logins are refused unchecked
     until its window ends; the log has one line per interval plus one summary."""
-    caplog.set_level(logging.WARNING, logger="ciphermq.logins")
     path, token = users
     clock = FakeClock()
     server = start_server(users_file=str(path), login_failure_limit=5,
                           login_failure_window=60.0, auth_timeout=3600.0, clock=clock)
-    replies = [failed_login(server, "wrong") for _ in range(30)]
-    assert replies[:5] == ["Error: authentication failed"] * 5
-    assert replies[5:] == ["Error: too many failed logins from this address; "
-                           "try again later"] * 25
-    assert failed_login(server, token).startswith("Error: too many failed logins")
-    assert len(caplog.records) == 1                     # the first failure only
-    clock.advance(61)                                   # the window and the interval end
-    assert failed_login(server, "wrong") == "Error: authentication failed"
-    messages = [record.getMessage() for record in caplog.records]
-    assert len(messages) == 3
-    assert messages[1] == ("30 more failed login(s) in the previous 60 s interval "
-                           "(not logged one by one)")
-    assert failed_login(server, token) == "AUTH_OK"
+    with recording("ciphermq.logins") as log:
+        replies = [failed_login(server, "wrong") for _ in range(30)]
+        assert replies[:5] == ["Error: authentication failed"] * 5
+        assert replies[5:] == ["Error: too many failed logins from this address; "
+                               "try again later"] * 25
+        assert failed_login(server, token).startswith("Error: too many failed logins")
+        assert len(log.messages) == 1                   # the first failure only
+        clock.advance(61)                               # the window and the interval end
+        assert failed_login(server, "wrong") == "Error: authentication failed"
+        assert len(log.messages) == 3
+        assert log.messages[1] == ("30 more failed login(s) in the previous 60 s interval "
+                                   "(not logged one by one)")
+        assert failed_login(server, token) == "AUTH_OK"
