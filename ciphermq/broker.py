@@ -403,9 +403,8 @@ class Broker:
         self._forget_copy(message)
         self.totals["acked"] += 1
         self._dispatch(message.queue)
-        if was_full:                # room again under max_unacked: its other queues too
-            for consumer in list(session.consumers.values()):
-                self._dispatch(consumer.queue)
+        if was_full:
+            self._dispatch_consumers_of(session)
         if self.journal is not None and self.journal.wants_compaction(self._live_bytes):
             self.journal.request_compaction()
         return True
@@ -413,12 +412,15 @@ class Broker:
     def nack(self, session, message_id):
         """Give a message back now, for redelivery (or the dead-letter queue)."""
         with self.mutex:
+            was_full = len(session.held) >= self.max_unacked
             message = session.held.pop(message_id, None)
             if message is None:
                 raise BrokerError("message '%s' is not delivered to this connection"
                                   % message_id)
             events = []
             self._requeue([message], events, "nacked")
+            if was_full:
+                self._dispatch_consumers_of(session)
             self._notify_writers()
         _log_events(events)
 
@@ -621,6 +623,11 @@ class Broker:
                 return              # nobody has room (or every session holds this id)
             ready.popleft()
             self._hand_over(message, consumer.session, consumer)
+
+    def _dispatch_consumers_of(self, session):
+        """The session has room again under max_unacked: serve every queue it consumes."""
+        for consumer in list(session.consumers.values()):
+            self._dispatch(consumer.queue)
 
     def _hand_over(self, message, session, consumer):
         message.deliveries += 1

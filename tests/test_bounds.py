@@ -235,3 +235,21 @@ def test_failed_logins_are_budgeted_per_source_and_summarised(start_server, user
         assert log.messages[1] == ("30 more failed login(s) in the previous 60 s interval "
                                    "(not logged one by one)")
         assert failed_login(server, token) == "AUTH_OK"
+
+
+def test_room_under_max_unacked_serves_every_queue_the_connection_consumes(start_server, wires):
+    """A connection at --max-unacked that acks a message from one queue gets the next
+    push from another queue it consumes, without any new publish."""
+    server = start_server(max_unacked=1)
+    publisher, holder = wires(server), wires(server)
+    pipelined(publisher, ["declare_queue a", "bind default_exchange a a",
+                          "declare_queue b", "bind default_exchange b b"])
+    pipelined(publisher, [publish_line(key="a"), publish_line(key="b")])
+    assert holder.call("consume a").startswith("Subscribed")
+    first, _ = parse_message(holder.text())
+    assert holder.call("consume b").startswith("Subscribed")   # at the limit: nothing pushed
+    holder.send("ack %s\n" % first)
+    assert holder.text() == "ACK_CONFIRMED %s" % first
+    second, _ = parse_message(holder.text())                 # b's message, pushed at once
+    assert stats(publisher, "b")["queues"]["b"]["unacked"] == 1
+    assert second != first
