@@ -253,3 +253,22 @@ def test_room_under_max_unacked_serves_every_queue_the_connection_consumes(start
     second, _ = parse_message(holder.text())                 # b's message, pushed at once
     assert stats(publisher, "b")["queues"]["b"]["unacked"] == 1
     assert second != first
+
+
+def test_memory_accounting_follows_dead_letters_purge_and_requeue_dead(start_server, wires):
+    """Queued bytes stay exact as copies are dead-lettered, moved back by requeue_dead,
+    purged and acked: back to zero once nothing is queued."""
+    server = start_server(max_deliveries=1)
+    wire = wires(server)
+    lines = [publish_line() for _ in range(3)]
+    size = sum(len(line.split(" ", 3)[3].strip()) for line in lines)
+    assert all(r.startswith("ACK ") for r in pipelined(wire, lines))
+    assert stats(wire)["memory"]["queued_bytes"] == size
+    fetched, _ = parse_message(wire.call("fetch default_queue"))
+    assert wire.call("nack %s" % fetched) == "NACK_CONFIRMED %s" % fetched   # -> .dead
+    assert stats(wire, "default_queue.dead")["queues"]["default_queue.dead"]["ready"] == 1
+    assert stats(wire)["memory"]["queued_bytes"] == size
+    assert wire.call("requeue_dead default_queue") == "Requeued 1"
+    assert stats(wire)["memory"]["queued_bytes"] == size
+    assert wire.call("purge default_queue") == "Purged 3"
+    assert stats(wire)["memory"]["queued_bytes"] == 0
