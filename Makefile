@@ -8,7 +8,7 @@ HTTP_PORT ?= 15672
 KEYS   ?= keys
 
 .PHONY: install run-server test test-slow test-all mutants lint clean keys demo send receive certs fuzz \
-        browser-deps dashboard-screenshot lesson
+        browser-deps dashboard-screenshot lesson hostile
 
 install: $(VENV)/.installed
 
@@ -77,6 +77,11 @@ lesson: install
 # 100,000 fuzzed lines beside a well-behaved client; exits 1 if a guarantee fails.
 fuzz: install
 	$(PY) bench/fuzz.py $(ARGS)
+
+# Each attack of issue 11 beside a well-behaved client (~2.5 min): its p50/p99 and the
+# broker's RSS, as a table (docs/SECURITY.md, "Hostile neighbours").
+hostile: install
+	$(PY) bench/hostile.py $(ARGS)
 
 lint: install
 	$(PY) -m pip install --quiet --disable-pip-version-check 'ruff>=0.4'

@@ -36,6 +36,8 @@ DEFAULT_EXCHANGE = "default_exchange"
 DEFAULT_QUEUE = "default_queue"
 DEFAULT_KEY = "default_key"
 DEAD_SUFFIX = ".dead"
+#: ``stats`` without a queue name lists at most this many queues (the totals cover all).
+STATS_MAX_QUEUES = 100
 
 
 class Message:
@@ -129,9 +131,9 @@ class Broker:
 
     def __init__(self, *, redelivery_interval=30.0, max_deliveries=10,
                  max_queue_length=1_000_000, max_queues=10_000, max_exchanges=1_000,
-                 max_bindings=10_000, dedup_window=3600.0,
-                 dedup_max_ids=1_000_000, clock=time.monotonic, wall_clock=time.time,
-                 journal=None):
+                 max_bindings=10_000, max_memory=512 * 1024 * 1024, max_unacked=10_000,
+                 dedup_window=3600.0, dedup_max_ids=1_000_000, clock=time.monotonic,
+                 wall_clock=time.time, journal=None):
         self.redelivery_interval = redelivery_interval
         self.max_deliveries = max_deliveries
         self.max_queue_length = max_queue_length
@@ -139,7 +141,10 @@ class Broker:
         self.max_exchanges = max_exchanges
         self.max_bindings = max_bindings
         self._bindings = 0          # over all exchanges, for max_bindings
-        self._declared = 0          # queues other than dead-letter queues, for max_queues
+        self._declared = 0          # queues counted by max_queues (see _declare_queue)
+        self.max_memory = max_memory    # envelope bytes queued, every copy counted
+        self.max_unacked = max_unacked  # messages one session may hold unacked
+        self._queued_bytes = 0      # envelope bytes of every copy not yet acked
         self.dedup_window = dedup_window
         self.dedup_max_ids = dedup_max_ids
         self.clock = clock
@@ -166,7 +171,8 @@ class Broker:
     def declare_queue(self, name):
         """Create queue ``name`` if it does not exist.  Idempotent."""
         with self.mutex:
-            if name not in self._queues and self._declared >= self.max_queues:
+            if (name not in self._queues and self._declared >= self.max_queues
+                    and not self._is_dead_letter_of_existing(name)):
                 raise BrokerError("too many queues (max %d)" % self.max_queues)
             self._declare_queue(name)
 
@@ -188,8 +194,7 @@ class Broker:
         with self.mutex:
             exchange = self._exchange(exchange_name)
             queue = self._queue(queue_name)
-            if self._bindings >= self.max_bindings and (binding_key, queue) not in \
-                    exchange.bindings():
+            if self._bindings >= self.max_bindings and not exchange.is_bound(binding_key, queue):
                 raise BrokerError("too many bindings (max %d)" % self.max_bindings)
             if exchange.bind(binding_key, queue):
                 self._bindings += 1
@@ -255,6 +260,10 @@ class Broker:
                 raise BrokerError("queue '%s' is full" % queue.name)
         if self.journal is not None:
             self.journal.check_writable()   # a disk refusing writes refuses publishes up front
+        cost = len(body) * len(queues)     # fanout copies share bytes, but count each
+        if self._queued_bytes + cost > self.max_memory:
+            raise BrokerError("broker memory limit reached")
+        self._queued_bytes += cost
         self._live[message_id] = len(queues)
         self._live_bytes += len(body)
         self.totals["published"] += 1
@@ -300,16 +309,31 @@ class Broker:
         :meth:`register_consumer`.)
 
         The message is in flight to ``session`` exactly as if it had been
-        pushed: it must be acked, and comes back if it is not.
+        pushed: it must be acked, and comes back if it is not.  Raises
+        BrokerError when the session already holds ``max_unacked`` messages.
+
+        O(1) under the lock in the usual case (the head of the queue); a
+        message whose id the session already holds (a copy from another
+        queue) is skipped, so the scan is at most ``max_unacked`` long.
         """
         with self.mutex:
             queue = self._queue(queue_name)
-            for position, message in enumerate(queue.ready):
-                if message.id not in session.held:
-                    del queue.ready[position]
-                    self._hand_over(message, session, None)
-                    return message.id, message.body, message.deliveries
-            return None
+            held = session.held
+            if len(held) >= self.max_unacked:
+                raise BrokerError("too many unacked messages on this connection (max %d)"
+                                  % self.max_unacked)
+            ready = queue.ready
+            if ready and ready[0].id not in held:
+                message = ready.popleft()
+            else:
+                for position, message in enumerate(ready):
+                    if message.id not in held:
+                        del ready[position]
+                        break
+                else:
+                    return None
+            self._hand_over(message, session, None)
+            return message.id, message.body, message.deliveries
 
     def wait_pushes(self, session, timeout=None):
         """Block until ``session`` has pushes waiting or its writer was called; False once closed.
@@ -369,6 +393,7 @@ class Broker:
 
     def _acknowledge(self, session, message_id):
         """acknowledge() with the mutex held."""
+        was_full = len(session.held) >= self.max_unacked
         message = session.held.pop(message_id, None)
         if message is None:
             if message_id in self._acked_at:
@@ -378,6 +403,8 @@ class Broker:
         self._forget_copy(message)
         self.totals["acked"] += 1
         self._dispatch(message.queue)
+        if was_full:
+            self._dispatch_consumers_of(session)
         if self.journal is not None and self.journal.wants_compaction(self._live_bytes):
             self.journal.request_compaction()
         return True
@@ -385,12 +412,15 @@ class Broker:
     def nack(self, session, message_id):
         """Give a message back now, for redelivery (or the dead-letter queue)."""
         with self.mutex:
+            was_full = len(session.held) >= self.max_unacked
             message = session.held.pop(message_id, None)
             if message is None:
                 raise BrokerError("message '%s' is not delivered to this connection"
                                   % message_id)
             events = []
             self._requeue([message], events, "nacked")
+            if was_full:
+                self._dispatch_consumers_of(session)
             self._notify_writers()
         _log_events(events)
 
@@ -529,6 +559,7 @@ class Broker:
                 for message_id, (body, names) in state.live.items():
                     self._live[message_id] = len(names)
                     self._live_bytes += len(body)
+                    self._queued_bytes += len(body) * len(names)
                     for name in names:
                         queue = self._declare_queue(name)
                         queue.ready.append(Message(message_id, body, queue))
@@ -570,26 +601,45 @@ class Broker:
 
     # -- reading ------------------------------------------------------------
 
-    def stats(self):
-        """A snapshot: per-queue ready/unacked/consumers, and running totals."""
+    def stats(self, queue_name=None, limit=STATS_MAX_QUEUES):
+        """A snapshot: ready/unacked/consumers of some queues, running totals, memory.
+
+        ``queues`` holds ``queue_name`` alone if given (empty if unknown),
+        else the first ``limit`` queues in declaration order; ``queue_count``
+        says how many exist.  The work under the lock is O(limit), not
+        O(queues): a broker with many queues answers as fast as one with few.
+        """
         with self.mutex:
+            if queue_name is not None:
+                queue = self._queues.get(queue_name)
+                chosen = [] if queue is None else [queue]
+            else:
+                chosen = itertools.islice(self._queues.values(), limit)
             return {
-                "queues": {name: {"ready": len(q.ready), "unacked": q.unacked,
-                                  "consumers": len(q.consumers)}
-                           for name, q in self._queues.items()},
+                "queues": {q.name: {"ready": len(q.ready), "unacked": q.unacked,
+                                    "consumers": len(q.consumers)} for q in chosen},
+                "queue_count": len(self._queues),
                 "totals": dict(self.totals),
+                "memory": {"queued_bytes": self._queued_bytes, "max_memory": self.max_memory},
             }
 
     # -- internals: only called with the mutex held ----------------------------
 
     def _declare_queue(self, name):
+        """Create a queue.  Every queue counts towards ``max_queues`` except the
+        dead-letter queue of a counted queue (at most one each), so the broker
+        never holds more than twice ``max_queues`` queues."""
         queue = self._queues.get(name)
         if queue is None:
-            queue = self._queues[name] = Queue(name)
-            if not queue.is_dead_letter_queue:
+            if not self._is_dead_letter_of_existing(name):
                 self._declared += 1
+            queue = self._queues[name] = Queue(name)
             self._record(recovery.queue_record, name)
         return queue
+
+    def _is_dead_letter_of_existing(self, name):
+        parent = name[:-len(DEAD_SUFFIX)] if name.endswith(DEAD_SUFFIX) else None
+        return parent in self._queues and not parent.endswith(DEAD_SUFFIX)
 
     def _record(self, make_record, *args):
         """Append a journal record, if there is a journal."""
@@ -623,12 +673,19 @@ class Broker:
             for _ in range(count):
                 consumer = consumers[queue.next_consumer % count]
                 queue.next_consumer = (queue.next_consumer + 1) % count
-                if consumer.has_room() and message.id not in consumer.session.held:
+                held = consumer.session.held
+                if (consumer.has_room() and len(held) < self.max_unacked
+                        and message.id not in held):
                     break
             else:
                 return              # nobody has room (or every session holds this id)
             ready.popleft()
             self._hand_over(message, consumer.session, consumer)
+
+    def _dispatch_consumers_of(self, session):
+        """The session has room again under max_unacked: serve every queue it consumes."""
+        for consumer in list(session.consumers.values()):
+            self._dispatch(consumer.queue)
 
     def _hand_over(self, message, session, consumer):
         message.deliveries += 1
@@ -667,9 +724,14 @@ class Broker:
         """Return in-flight messages to the front of their queues, oldest first.
 
         A message that has used up its deliveries goes to ``<queue>.dead``
-        instead (a dead-letter queue never dead-letters again).
+        instead (a dead-letter queue never dead-letters again).  Adds at
+        most two log events however many messages there are: one summary
+        line per kind, naming the first message and the count.
         """
+        if not messages:
+            return
         touched = []
+        requeued, dead_lettered = [], []
         for message in reversed(messages):
             self._release(message)
             queue = message.queue
@@ -678,18 +740,22 @@ class Broker:
                 dead.ready.append(Message(message.id, message.body, dead))
                 self._record(recovery.dead_letter_record, message.id, queue.name, dead.name)
                 self.totals["dead_lettered"] += 1
-                events.append((logging.WARNING,
-                               "Message %s dead-lettered to %s after %d deliveries",
-                               (message.id, dead.name, message.deliveries)))
+                dead_lettered.append((message.id, dead.name, message.deliveries))
                 touched.append(dead)
             else:
                 queue.ready.appendleft(message)
-                events.append((logging.INFO, "Message %s requeued to %s for redelivery (%s)",
-                               (message.id, queue.name, reason)))
+                requeued.append((message.id, queue.name))
             if queue not in touched:
                 touched.append(queue)
         for queue in touched:
             self._dispatch(queue)
+        if dead_lettered:
+            first = dead_lettered[-1]       # the oldest (the loop ran newest first)
+            events.append((logging.WARNING, "%d message(s) dead-lettered (first: %s to %s "
+                           "after %d deliveries)", (len(dead_lettered),) + first))
+        if requeued:
+            events.append((logging.INFO, "%d message(s) requeued for redelivery (%s; "
+                           "first: %s to %s)", (len(requeued), reason) + requeued[-1]))
 
     def _forget_copy(self, message, journal=True):
         """One copy acked (or purged); when none is left the id enters the dedup window."""
@@ -697,6 +763,7 @@ class Broker:
         if journal and self.journal is not None:
             self.journal.append(recovery.ack_record(message_id, message.queue.name,
                                                     int(self.wall_clock() * 1000)))
+        self._queued_bytes -= len(message.body)
         left = self._live[message_id] - 1
         if left:
             self._live[message_id] = left

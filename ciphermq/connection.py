@@ -380,10 +380,14 @@ class Connection(socketserver.BaseRequestHandler):
             raise ProtocolError("already authenticated as %s" % self.principal.name)
         self._hang_up = True        # one attempt per connection: any failure disconnects
         name, token = protocol.split_args(args, "auth <name> <token>", 2)
+        guard, address = self.server.login_guard, self.client_address[0]
+        if not guard.allowed(address):
+            guard.failed(address, self.peer, refused=True)
+            raise ProtocolError("too many failed logins from this address; try again later")
         principal = users.authenticate(name.decode("utf-8", "replace"),
                                        token.decode("utf-8", "replace"))
         if principal is None:
-            log.warning("Authentication failed from %s", self.peer)
+            guard.failed(address, self.peer)
             raise ProtocolError("authentication failed")
         self._hang_up = False
         self.principal = principal
@@ -458,9 +462,10 @@ class Connection(socketserver.BaseRequestHandler):
         self._replies.append(protocol.nack_confirmed_reply(message_id))
 
     def do_stats(self, args):
-        protocol.split_args(args, "stats", 0)
+        words = protocol.split_args(args, "stats [queue]", 0, 1)
+        queue = protocol.parse_name(words[0], "queue") if words else None
         self.principal.check_configure()
-        self._replies.append(protocol.stats_reply(self.broker.stats()))
+        self._replies.append(protocol.stats_reply(self.broker.stats(queue)))
 
     def do_ping(self, args):
         protocol.split_args(args, "ping", 0)

@@ -631,7 +631,7 @@ USAGE = {
     "ack": "ack <message_id>", "nack": "nack <message_id>",
     "consume": "consume <queue> [prefetch]", "bind": "bind <exchange> <queue> <routing_key>",
     "declare_exchange": "declare_exchange <exchange> [direct|fanout|topic]",
-    "publish": "publish <exchange> <routing_key> <json>", "ping": "ping", "stats": "stats",
+    "publish": "publish <exchange> <routing_key> <json>", "ping": "ping", "stats": "stats [queue]",
 }
 PREFETCH_ERROR = "Error: prefetch must be an integer from 0 to 65535"
 
@@ -825,7 +825,8 @@ CASES = [
                  "Queue declared", "Queue bound", "PONG")),
     Case("extra-args", "one argument too many, for every command",
          "`Error: usage: <command> <arguments>`",
-         many([(b"ping x\n", "Error: usage: ping"), (b"stats x\n", "Error: usage: stats"),
+         many([(b"ping x\n", "Error: usage: ping"),
+               (b"stats x y\n", "Error: usage: stats [queue]"),
                (b"declare_queue a b\n", "Error: usage: " + USAGE["declare_queue"]),
                (b"declare_exchange e direct x\n", "Error: usage: " + USAGE["declare_exchange"]),
                (b"bind a b c d\n", "Error: usage: " + USAGE["bind"]),
