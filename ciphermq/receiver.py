@@ -13,11 +13,12 @@ together (up to ``ack_batch``) share one fsync, then their acks go out in one
 write.  A duplicate is not written again but is acked; an envelope that does
 not open is recorded in the rejects file with the reason, then rejected
 (RabbitMQ moves it to ``<queue>.dead``) or, where the connection has no
-reject, acked: either way it never comes back.  ``ACK_CONFIRMED`` is awaited without ever blocking the
-reading of new messages (:meth:`Receiver.tend_acks`); an unconfirmed ack is
-sent again after ``ack_timeout``, :data:`ATTEMPTS` sends in all, then given
-up with a warning (the message is durable; a redelivery would be
-deduplicated).  docs/CLIENTS.md explains why this yields exactly once.
+reject, acked: either way it never comes back.  ``ACK_CONFIRMED`` is
+awaited without ever blocking the reading of new messages
+(:meth:`Receiver.tend_acks`); an unconfirmed ack is sent again after
+``ack_timeout``, :data:`ATTEMPTS` sends in all, then given up with a
+warning (the message is durable; a redelivery would be deduplicated).
+docs/CLIENTS.md explains why this yields exactly once.
 
 Everything here runs in the script's main thread, except the decryptions of
 a batch, which a thread pool may run side by side (``decrypt_threads``).
