@@ -14,12 +14,13 @@ import sys
 import uuid
 
 import pytest
-from scripts import RECEIVER, SENDER, intact_ids, read_records, script_env
+from scripts import RECEIVER, REPO, SENDER, intact_ids, read_records, script_env
 
-from ciphermq import checker
+from ciphermq import checker, rabbitmq_nodes
 
 #: How long a step of a run may take before the test fails (a bound, never a sleep).
 PATIENCE = 120.0
+CLUSTER_DEMO = str(REPO / "bin" / "cluster_demo.py")
 SAVED = re.compile(r"\[RECEIVER\] (\d+) message\(s\) saved")
 
 
@@ -153,3 +154,22 @@ def test_5000_messages_survive_the_sigkill_of_the_node_in_use_and_of_the_receive
     tally = verdict(tmp_path)
     assert len(tally.acked) == total, tally.report()
     assert tally.ok and len(tally.stored) == total and not tally.duplicated, tally.report()
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(600)
+def test_cluster_demo_kills_the_node_in_use_and_loses_nothing(rabbitmq_cluster, keys):
+    """bin/cluster_demo.py (make cluster-demo) SIGKILLs the node both scripts use mid-stream,
+    exits 0 on the checker's clean verdict, and leaves the cluster whole."""
+    rabbitmq_cluster.revive()
+    done = subprocess.run([sys.executable, CLUSTER_DEMO, "--dir", rabbitmq_cluster.directory,
+                           "--keys", str(keys[0].parent), "--count", "600", "--kill-at", "150"],
+                          capture_output=True, text=True, timeout=PATIENCE * 4, env=script_env())
+    loaded = rabbitmq_nodes.Cluster.load(rabbitmq_cluster.directory)
+    for node, recorded in zip(rabbitmq_cluster.nodes, loaded.nodes):   # so the fixture stops
+        node.wrapper_pid, node.beam_pid = recorded.wrapper_pid, recorded.beam_pid  # the new one
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "💥 [DEMO] SIGKILL %s" % rabbitmq_cluster.nodes[0].name in done.stdout
+    assert "0 lost, 0 duplicated" in done.stdout
+    assert "started %s again" % rabbitmq_cluster.nodes[0].name in done.stdout
+    assert not rabbitmq_cluster.revive(), "the demo left a node down"
