@@ -173,3 +173,17 @@ def test_cluster_demo_kills_the_node_in_use_and_loses_nothing(rabbitmq_cluster, 
     assert "0 lost, 0 duplicated" in done.stdout
     assert "started %s again" % rabbitmq_cluster.nodes[0].name in done.stdout
     assert not rabbitmq_cluster.revive(), "the demo left a node down"
+
+
+def test_an_amqp_url_without_pika_says_how_to_install_it(tmp_path, keys):
+    """Without pika, --url amqp://... ends each script with one line naming the install
+    command and exit status 2, no traceback."""
+    blocker = tmp_path / "nopika"
+    (blocker / "pika").mkdir(parents=True)
+    (blocker / "pika" / "__init__.py").write_text("raise ImportError('no pika here')\n")
+    env = script_env(PYTHONPATH=str(blocker))
+    for argv in (sender_argv(tmp_path, keys, "--url", "amqp://127.0.0.1:1/"),
+                 receiver_argv(tmp_path, keys, "--url", "amqp://127.0.0.1:1/")):
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=PATIENCE, env=env)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert "pip install -e '.[amqp]'" in done.stderr and "Traceback" not in done.stderr
