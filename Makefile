@@ -143,7 +143,7 @@ chaos-demo: install keys
 # ---------------------------------------------------------------------------------------
 # RabbitMQ: the same scripts over a 3-node cluster (ciphermq/amqp.py, docs/SCALING.md) --
 # issue 13.  Debian's rabbitmq-server is installed with apt when missing (needs root).
-.PHONY: cluster cluster-status cluster-stop rabbitmq-install
+.PHONY: cluster cluster-status cluster-stop cluster-demo rabbitmq-install
 
 CLUSTER_DIR  ?= .cluster
 CLUSTER_PORT ?= 5681
@@ -158,6 +158,11 @@ cluster-status: install
 # Stops exactly the processes `make cluster` started (pids in $(CLUSTER_DIR)/cluster.json).
 cluster-stop: install
 	$(PY) bin/cluster.py stop --dir $(CLUSTER_DIR)
+
+# Sender -> cluster -> Receiver, the node both use SIGKILLed mid-stream, the checker's
+# verdict; then the node is started again.  Needs `make cluster` first.
+cluster-demo: install keys
+	$(PY) bin/cluster_demo.py --dir $(CLUSTER_DIR) --keys $(KEYS) $(ARGS)
 
 # The package may try to start a system node on 5672 (our broker's port): where there is
 # no systemd to ask, .ci/stop-system-rabbitmq stops it by its pid.

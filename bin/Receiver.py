@@ -76,7 +76,7 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="Receiver.py", description="Receive, decrypt and store CipherMQ messages, "
                                         "each exactly once.")
-    cli.add_connection_arguments(parser)
+    cli.add_connection_arguments(parser, declare=("exchange", "routing_key"))
     parser.add_argument("--queue", default="default_queue",
                         help="queue to consume (default %(default)s)")
     parser.add_argument("--private-key", default="keys/receiver_private.pem", type=Path,

@@ -10,8 +10,9 @@ How CipherMQ's promises map onto RabbitMQ:
 
 * ``ACK <id>`` is a **publisher confirm**.  Every publish is ``mandatory``: a message
   no queue would take comes back as an error (ServerError), never a silent drop.
-  A nack ends the connection (ConnectionLost): the sender reconnects and sends the
-  message again, on a fresh channel (see ``_publish`` for why).
+  A nack ends the connection: the nacked message's reply raises Nacked (a
+  ConnectionLost), and the sender reconnects and sends it again, on a fresh channel
+  (see ``_publish`` for why).
 * The envelope JSON is the message body byte for byte; its id is also the AMQP
   ``message_id``; delivery mode 2 (persistent).
 * ``ACK_CONFIRMED <id>`` means the ``basic.ack`` has been written to the socket.
@@ -51,7 +52,7 @@ import threading
 from typing import NamedTuple
 
 from .client import Delivery
-from .errors import ConnectionLost, MissingDependency, ServerError
+from .errors import ConnectionLost, MissingDependency, Nacked, ServerError
 
 log = logging.getLogger(__name__)
 
@@ -442,8 +443,11 @@ class AmqpClient:
                 # elects a new leader goes on nacking after the election.  A fresh
                 # channel does not, so a nack ends the connection and the sender,
                 # reconnecting, sends the message again.
-                raise ConnectionLost("RabbitMQ nacked message %s; reconnecting to send it "
-                                     "again on a fresh channel" % message_id) from None
+                # Its reply says Nacked, the others' the plain ConnectionLost that follows.
+                reason = ("RabbitMQ nacked message %s; reconnecting to send it again on a "
+                          "fresh channel" % message_id)
+                reply._resolve(error=Nacked(reason))
+                raise ConnectionLost(reason) from None
             else:
                 reply._resolve("ACK %s" % message_id)
 

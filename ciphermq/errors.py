@@ -79,6 +79,15 @@ class ConnectionLost(CipherMQError):
     """Client side: the connection to the broker failed or closed."""
 
 
+class Nacked(ConnectionLost):
+    """RabbitMQ nacked a publish: send it again, on a fresh connection (see amqp.py).
+
+    Not the message's fault -- a quorum queue electing a new leader nacks a
+    burst of publishes -- so the sender waits a moment instead of counting an
+    attempt for each nack.
+    """
+
+
 class TransportError(CipherMQError):
     """The TLS handshake failed or timed out."""
 

@@ -291,6 +291,22 @@ class Cluster:
             raise
         return self
 
+    def revive(self):
+        """Start again every node that is not running (one SIGKILLed, say); block until
+        each logs in, then record the new pids.  Returns the nodes started.
+
+        A member started again boots from its database and rejoins the others.
+        Raises RabbitMQUnavailable if one does not come up within START_TIMEOUT.
+        """
+        dead = [node for node in self.nodes if not _is_ours(node.beam_pid, self.directory)]
+        for node in dead:
+            node.launch()
+        for node in dead:
+            node.wait_ready()
+        if dead:
+            self.save()
+        return dead
+
     def _restarting(self):
         """True if the nodes have a database from an earlier run.
 

@@ -11,12 +11,14 @@ message, :meth:`Receiver.store_then_ack` does, in this order::
 so nothing is acked before its record is durable.  The messages that arrive
 together (up to ``ack_batch``) share one fsync, then their acks go out in one
 write.  A duplicate is not written again but is acked; an envelope that does
-not open is recorded in the rejects file with the reason, and acked, so it
-never comes back.  ``ACK_CONFIRMED`` is awaited without ever blocking the
-reading of new messages (:meth:`Receiver.tend_acks`); an unconfirmed ack is
-sent again after ``ack_timeout``, :data:`ATTEMPTS` sends in all, then given
-up with a warning (the message is durable; a redelivery would be
-deduplicated).  docs/CLIENTS.md explains why this yields exactly once.
+not open is recorded in the rejects file with the reason, then rejected
+(RabbitMQ moves it to ``<queue>.dead``) or, where the connection has no
+reject, acked: either way it never comes back.  ``ACK_CONFIRMED`` is
+awaited without ever blocking the reading of new messages
+(:meth:`Receiver.tend_acks`); an unconfirmed ack is sent again after
+``ack_timeout``, :data:`ATTEMPTS` sends in all, then given up with a
+warning (the message is durable; a redelivery would be deduplicated).
+docs/CLIENTS.md explains why this yields exactly once.
 
 Everything here runs in the script's main thread, except the decryptions of
 a batch, which a thread pool may run side by side (``decrypt_threads``).
@@ -37,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import client
+from .brokers import connect_any
 from .errors import ConnectionLost, ServerError, UsageError
 from .store import JsonLinesFile, MessageStore, encode
 
@@ -209,7 +211,8 @@ class Receiver:
         while not self.finished():
             connection = None
             try:
-                connection = client.Client(timeout=self.ack_timeout, **self.connect_options)
+                connection = connect_any(attempts=1, timeout=self.ack_timeout,
+                                         **self.connect_options)
                 connection.consume(self.queue_name, self.prefetch)
             except (ConnectionLost, TimeoutError) as exc:
                 if connection is not None:
@@ -273,7 +276,7 @@ class Receiver:
         again, and 1 recognises it); a crash after 4 cannot lose it.
         """
         opened = self._decrypt_new(batch)       # 2. decrypt, all at once: ids not in the store
-        to_ack, saved, rejected = [], [], False
+        to_ack, saved, rejected = [], [], []
         in_batch = set()                            # ids appended, not yet durable
         timestamp = _now()                          # one batch, one fsync: one time of storing
         for delivery in batch:
@@ -281,16 +284,17 @@ class Receiver:
                 break                       # the rest stay unacked: the broker keeps them
             message_id = delivery.message_id
             self.report.received(delivery)
-            to_ack.append(message_id)
             if message_id in self.store or message_id in in_batch:       # 1. dedup check
                 self.report.duplicate(message_id)
+                to_ack.append(message_id)
                 continue
             in_batch.add(message_id)
             message, reason = opened[message_id]
             if message is None:
                 self._reject(message_id, reason, timestamp)
-                rejected = True
+                rejected.append(message_id)
                 continue
+            to_ack.append(message_id)
             self.new += 1
             self._append(message_id, message, timestamp)                  # 3. append
             saved.append(message_id)
@@ -302,6 +306,7 @@ class Receiver:
         self.hook.check("after-fsync", self.new)
         for message_id in saved:
             self.report.stored(message_id)
+        self._send_rejects(rejected)
         self._send_acks(to_ack, attempt=1)                                # 5. ack
         self.hook.check("after-ack", self.new)
 
@@ -353,6 +358,20 @@ class Receiver:
         deadline = time.monotonic() + self.ack_timeout
         self.outstanding.extend(Outstanding(message_id, reply, attempt, deadline)
                                 for message_id, reply in zip(message_ids, replies))
+
+    def _send_rejects(self, message_ids):
+        """Settle refused envelopes so they never come back: rejected without requeue
+        where the connection can (RabbitMQ: on to ``<queue>.dead``), else acked."""
+        if not message_ids or self.connection is None:
+            return
+        reject_many = getattr(self.connection, "reject_many", None)
+        if reject_many is None:
+            self._send_acks(message_ids, attempt=1)
+            return
+        try:
+            reject_many(message_ids)    # the record in the rejects file is durable already
+        except ConnectionLost:
+            pass                        # it comes again, and is refused again
 
     def tend_acks(self):
         """Report the confirmations that have arrived; re-send acks overdue.  Never blocks."""

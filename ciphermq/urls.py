@@ -104,8 +104,12 @@ def parse_urls(texts):
     urls = [parse_url(text) for text in texts]
     if not urls:
         raise UrlError("no broker URL given")
-    kinds = {url.kind for url in urls}
-    if len(kinds) > 1:
+    return check_one_kind(urls)
+
+
+def check_one_kind(urls):
+    """Return ``urls`` (BrokerUrls); raises UrlError if they mix broker kinds."""
+    if len({url.kind for url in urls}) > 1:
         raise UrlError("one failover list cannot mix ciphermq:// and amqp(s):// URLs: "
                        "they are different brokers with different queues")
     return urls
@@ -131,6 +135,7 @@ def _shown(text):
 class Failover:
     """A failover list and where the next connection attempt starts.
 
+    Refuses (UrlError) a list that mixes broker kinds, parsed or not.
     Owned by one thread (the script's main loop); not locked.  Each call to
     :meth:`round` yields every URL once, starting with the one after the URL
     last :meth:`used` (the first URL before any was used), wrapping around.
@@ -140,6 +145,7 @@ class Failover:
         self.urls = parse_urls(urls) if urls and isinstance(urls[0], str) else list(urls)
         if not self.urls:
             raise UrlError("no broker URL given")
+        check_one_kind(self.urls)
         self.current = None         # index of the URL last connected to, or None
 
     def round(self):
