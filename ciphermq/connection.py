@@ -71,7 +71,8 @@ class Connection(socketserver.BaseRequestHandler):
         self.transport = None
         #: Who this is; None until authenticated when the broker has --users.
         self.principal = ANONYMOUS if self.server.users is None else None
-        self.session = self.broker.open_session(self.peer, write_pushes=self.write_pushes)
+        self.session = self.broker.open_session(self.peer, write_pushes=self.write_pushes,
+                                                hang_up=self.close)
         self._replies = []          # replies to the commands of the current read
         self._group_kind = None     # "publish" or "ack": the kind waiting in _group
         self._group = []            # (parsed command, its slot in _replies)
@@ -457,6 +458,12 @@ class Connection(socketserver.BaseRequestHandler):
         self.broker.nack(self.session, message_id)
         self._replies.append(protocol.nack_confirmed_reply(message_id))
 
+    def do_reject(self, args):
+        message_id, reason = protocol.parse_reject(args)
+        self.broker.reject(self.session, message_id, reason)
+        self._must_sync = True      # the move to <queue>.dead is journaled
+        self._replies.append(protocol.reject_confirmed_reply(message_id))
+
     def do_stats(self, args):
         protocol.split_args(args, "stats", 0)
         self.principal.check_configure()
@@ -479,6 +486,7 @@ class Connection(socketserver.BaseRequestHandler):
         "fetch": do_fetch,
         "ack": do_ack,
         "nack": do_nack,
+        "reject": do_reject,
         "stats": do_stats,
         "ping": do_ping,
     }
