@@ -307,7 +307,7 @@ class Broker:
     # -- consuming ----------------------------------------------------------
 
     def open_session(self, name, write_pushes=None, hang_up=None):
-        """A new Session for a connection; ``write_pushes``, ``hang_up``: its callbacks (Session)."""
+        """A new Session for a connection, with its callbacks (see Session)."""
         with self.mutex:
             session = Session(name, self.mutex, write_pushes, hang_up, self.clock())
             self._sessions.add(session)
@@ -505,7 +505,7 @@ class Broker:
                     continue
                 if self.consumer_timeout:
                     next_due = min(next_due, silent_since + self.consumer_timeout)
-                given_back = []
+                given_back, waiting = [], 0
                 for message in list(session.held.values()):
                     if message.deadline > now:
                         next_due = min(next_due, message.deadline)
@@ -514,8 +514,12 @@ class Broker:
                         given_back.append(message)
                     else:
                         session.stalled = True
-                        self._unstick(session, message, now, events)
+                        waiting += self._unstick(session, message, now, events)
                         next_due = min(next_due, message.deadline)
+                if waiting:
+                    events.append((logging.INFO, "Consumer %s stalled (silent for %.1f s): "
+                                   "%d overdue message(s) wait for it, not counted as failed "
+                                   "deliveries", (session.name, now - silent_since, waiting)))
                 self._requeue(given_back, events, "not acked in time")
             self._expire_acked(now)
             self._notify_writers()
@@ -674,7 +678,7 @@ class Broker:
         """An overdue push to a stalled session: to another consumer, pushed once more, or wait.
 
         None of these counts as a failed delivery: the consumer never said it
-        could not take the message.
+        could not take the message.  Returns 1 if it waits, else 0.
         """
         consumer = message.consumer
         other = next((c for c in message.queue.consumers
@@ -682,18 +686,19 @@ class Broker:
                       and message.id not in c.session.held), None)
         if other is None and message.pushed_again:
             message.deadline = now + self.redelivery_interval    # wait for it
-            return
+            return 1
         del session.held[message.id]
         self._release(message)
         if other is not None:
             events.append((logging.INFO, "Message %s moved from stalled consumer %s to %s",
                            (message.id, session.name, other.session.name)))
             self._hand_over(message, other.session, other)
-            return
+            return 0
         message.pushed_again = True         # in case the push itself was lost (chaos)
         first_handed_at = message.handed_at
         self._hand_over(message, session, consumer)
         message.handed_at = first_handed_at     # the consumer timeout runs from the first push
+        return 0
 
     def _dispatch(self, queue):
         """Hand ready messages to consumers with room, round robin."""

@@ -10,11 +10,14 @@ message, :meth:`Receiver.store_then_ack` does, in this order::
 
 so nothing is acked before its record is durable.  The messages that arrive
 together (up to ``ack_batch``) share one fsync, then their acks go out in one
-write.  A duplicate is not written again but is acked; an envelope that does
-not open is recorded in the rejects file with the reason, and acked, so it
-never comes back.  ``ACK_CONFIRMED`` is awaited without ever blocking the
-reading of new messages (:meth:`Receiver.tend_acks`); an unconfirmed ack is
-sent again after ``ack_timeout``, :data:`ATTEMPTS` sends in all, then given
+write.  A duplicate is not written again but is acked.  An envelope the
+receiver refuses (it does not open, is tampered, unsigned when a signature is
+required, older than ``--max-age``) is recorded in the rejects file with the
+reason, fsynced, and then *rejected* -- ``reject <id> <reason>``, which moves
+it to ``<queue>.dead`` with that reason -- never acked away.
+``ACK_CONFIRMED`` (or ``REJECT_CONFIRMED``) is awaited without ever blocking
+the reading of new messages (:meth:`Receiver.tend_acks`); an unconfirmed ack
+is sent again after ``ack_timeout``, :data:`ATTEMPTS` sends in all, then given
 up with a warning (the message is durable; a redelivery would be
 deduplicated).  docs/CLIENTS.md explains why this yields exactly once.
 
@@ -81,13 +84,14 @@ class CrashHook:
 class Outstanding:
     """An ack waiting for its ACK_CONFIRMED."""
 
-    __slots__ = ("message_id", "reply", "attempts", "deadline")
+    __slots__ = ("message_id", "reply", "attempts", "deadline", "reason")
 
-    def __init__(self, message_id, reply, attempts, deadline):
+    def __init__(self, message_id, reply, attempts, deadline, reason=None):
         self.message_id = message_id
         self.reply = reply
         self.attempts = attempts
         self.deadline = deadline
+        self.reason = reason        # not None: a reject (REJECT_CONFIRMED), not an ack
 
 
 class Report:
@@ -125,7 +129,7 @@ class Report:
 
     def refused(self, message_id, rejects_path):
         self.rejected += 1
-        self.say("🚫 [RECEIVER] Message %s rejected (reason in %s), sending ACK"
+        self.say("🚫 [RECEIVER] Message %s rejected (reason in %s), sending REJECT"
                  % (message_id, rejects_path))
 
     def stored(self, message_id):
@@ -273,7 +277,7 @@ class Receiver:
         again, and 1 recognises it); a crash after 4 cannot lose it.
         """
         opened = self._decrypt_new(batch)       # 2. decrypt, all at once: ids not in the store
-        to_ack, saved, rejected = [], [], False
+        to_ack, saved, to_reject = [], [], []
         in_batch = set()                            # ids appended, not yet durable
         timestamp = _now()                          # one batch, one fsync: one time of storing
         for delivery in batch:
@@ -281,21 +285,22 @@ class Receiver:
                 break                       # the rest stay unacked: the broker keeps them
             message_id = delivery.message_id
             self.report.received(delivery)
-            to_ack.append(message_id)
             if message_id in self.store or message_id in in_batch:       # 1. dedup check
                 self.report.duplicate(message_id)
+                to_ack.append(message_id)
                 continue
             in_batch.add(message_id)
             message, reason = opened[message_id]
             if message is None:
                 self._reject(message_id, reason, timestamp)
-                rejected = True
+                to_reject.append((message_id, reason))
                 continue
+            to_ack.append(message_id)
             self.new += 1
             self._append(message_id, message, timestamp)                  # 3. append
             saved.append(message_id)
-        if rejected:
-            self.rejects.sync()
+        if to_reject:
+            self.rejects.sync()         # recorded before the broker is told
         if saved:
             self.store.sync()                                             # 4. flush + fsync
             self.last_new = time.monotonic()
@@ -303,6 +308,7 @@ class Receiver:
         for message_id in saved:
             self.report.stored(message_id)
         self._send_acks(to_ack, attempt=1)                                # 5. ack
+        self._send_rejects(to_reject, attempt=1)                          # ... or reject
         self.hook.check("after-ack", self.new)
 
     def _decrypt_new(self, batch):
@@ -354,6 +360,17 @@ class Receiver:
         self.outstanding.extend(Outstanding(message_id, reply, attempt, deadline)
                                 for message_id, reply in zip(message_ids, replies))
 
+    def _send_rejects(self, refusals, attempt):
+        if not refusals or self.connection is None:
+            return
+        try:
+            replies = self.connection.reject_many(refusals)
+        except ConnectionLost:
+            return
+        deadline = time.monotonic() + self.ack_timeout
+        self.outstanding.extend(Outstanding(message_id, reply, attempt, deadline, reason)
+                                for (message_id, reason), reply in zip(refusals, replies))
+
     def tend_acks(self):
         """Report the confirmations that have arrived; re-send acks overdue.  Never blocks."""
         while self.outstanding and self.outstanding[0].reply.done():
@@ -361,8 +378,9 @@ class Receiver:
             try:
                 ack.reply.result(0)
             except ServerError as exc:
-                self.report.say("⚠️ [RECEIVER] Broker refused the ACK for message %s: %s"
-                                % (ack.message_id, exc))
+                self.report.say("⚠️ [RECEIVER] Broker refused the %s for message %s: %s"
+                                % ("ACK" if ack.reason is None else "REJECT",
+                                   ack.message_id, exc))
                 continue
             except ConnectionLost:
                 continue        # handled when the end-of-connection marker is read
@@ -381,7 +399,10 @@ class Receiver:
                 continue
             again.append(ack)
         for ack in again:
-            self._send_acks([ack.message_id], ack.attempts + 1)
+            if ack.reason is None:
+                self._send_acks([ack.message_id], ack.attempts + 1)
+            else:
+                self._send_rejects([(ack.message_id, ack.reason)], ack.attempts + 1)
         self.report.tick()
 
     def finish(self):
