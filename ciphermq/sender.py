@@ -28,6 +28,9 @@ from .errors import ConnectionLost, ServerError
 from .outbox import record
 from .store import JsonLinesFile
 
+#: The broker's refusal of a known message_id with a different envelope (never worth a retry).
+REUSED_ID = "already used for different content"
+
 ATTEMPTS = 3                # per message, and per reconnection, as the document says
 #: With more messages than this, one progress line replaces the per-message lines (-v: all).
 EACH_LINE_UP_TO = 10
@@ -240,6 +243,8 @@ class Sender:
         except ServerError as exc:              # refused (queue full, unroutable...)
             self.in_flight.popleft()
             self.report.refused(pending, exc)
+            if REUSED_ID in str(exc):           # final: sending it again cannot help
+                pending.failures = ATTEMPTS - 1
             self._retry(pending, front=False, failed=True)  # after the others: give it time
             return
         except TimeoutError:
