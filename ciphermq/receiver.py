@@ -1,10 +1,11 @@
 """The receiver's machinery: exactly once, by storing and fsyncing before acking.
 
 ``bin/Receiver.py`` reads like the design document; what it calls lives here.
-The output file (one JSON object per line: message_id, message, timestamp)
-is also the dedup store -- the document's ``processed_messages`` -- rebuilt
-from the file at start (:class:`ciphermq.store.MessageStore`).  For every
-message, :meth:`Receiver.store_then_ack` does, in this order::
+The output file (one JSON object per line: message_id, message, timestamp,
+envelope_digest) is also the dedup store -- the document's
+``processed_messages`` -- rebuilt from the file at start
+(:class:`ciphermq.store.MessageStore`).  For every message,
+:meth:`Receiver.store_then_ack` does, in this order::
 
     dedup check -> decrypt -> append -> flush + fsync -> ack
 
@@ -34,6 +35,8 @@ tests.
 import collections
 import concurrent.futures
 import datetime
+import hashlib
+import json
 import os
 import queue
 import sys
@@ -54,6 +57,10 @@ STOP_CHECK = 0.25
 CRASH_ENV = "CIPHERMQ_CRASH_AT"
 CRASH_POINTS = ("before-write", "mid-write", "after-write", "after-fsync", "after-ack")
 CRASHED = 70                # the exit status of a crash at a CRASH_POINT
+#: The reject reason for a known id that arrives with another envelope.
+REUSED_ID = "message_id already used for different content"
+#: Fields the broker adds to an envelope on delivery: not part of what the id binds.
+_DELIVERY_FIELDS = ("delivery_count", "dead_reason")
 
 
 class CrashHook:
@@ -278,18 +285,25 @@ class Receiver:
         """
         opened = self._decrypt_new(batch)       # 2. decrypt, all at once: ids not in the store
         to_ack, saved, to_reject = [], [], []
-        in_batch = set()                            # ids appended, not yet durable
+        in_batch = {}                               # id -> digest: appended, not yet durable
         timestamp = _now()                          # one batch, one fsync: one time of storing
         for delivery in batch:
             if self._enough():
                 break                       # the rest stay unacked: the broker keeps them
             message_id = delivery.message_id
             self.report.received(delivery)
+            digest = envelope_digest(delivery.body)
             if message_id in self.store or message_id in in_batch:       # 1. dedup check
+                known = in_batch[message_id] if message_id in in_batch \
+                    else self.store.digest(message_id)
+                if None not in (known, digest) and known != digest:
+                    self._reject(message_id, REUSED_ID, timestamp)      # another envelope
+                    to_reject.append((message_id, REUSED_ID))
+                    continue
                 self.report.duplicate(message_id)
                 to_ack.append(message_id)
                 continue
-            in_batch.add(message_id)
+            in_batch[message_id] = digest
             message, reason = opened[message_id]
             if message is None:
                 self._reject(message_id, reason, timestamp)
@@ -297,7 +311,7 @@ class Receiver:
                 continue
             to_ack.append(message_id)
             self.new += 1
-            self._append(message_id, message, timestamp)                  # 3. append
+            self._append(message_id, message, timestamp, digest)          # 3. append
             saved.append(message_id)
         if to_reject:
             self.rejects.sync()         # recorded before the broker is told
@@ -327,14 +341,14 @@ class Receiver:
             return dict(zip(fresh, map(self.decrypt, deliveries)))
         return dict(zip(fresh, self.decryptors.map(self.decrypt, deliveries)))
 
-    def _append(self, message_id, message, timestamp):
+    def _append(self, message_id, message, timestamp, digest=None):
         self.hook.check("before-write", self.new)
         if self.hook.armed("mid-write", self.new):
             line = encode({"message_id": message_id, "message": message, "timestamp": timestamp})
             self.store.write(line[:len(line) // 2])
             self.store.flush()
             self.hook.check("mid-write", self.new)
-        self.store.add(message_id, message, timestamp)
+        self.store.add(message_id, message, timestamp, digest)
         if self.hook.armed("after-write", self.new):
             self.store.flush()
             self.hook.check("after-write", self.new)
@@ -424,6 +438,25 @@ class Receiver:
         if self.rejects is not None:
             self.rejects.close()
         self.report.progress()
+
+
+def envelope_digest(body):
+    """16 bytes of BLAKE2b over the envelope as its sender sealed it; None if it is not JSON.
+
+    The fields the broker adds on delivery are left out, and the rest is
+    serialised canonically (sorted keys), so every delivery of one envelope
+    has one digest.  Called for every delivery, duplicates included.
+    """
+    try:
+        envelope = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(envelope, dict):
+        return None
+    for field in _DELIVERY_FIELDS:
+        envelope.pop(field, None)
+    canonical = json.dumps(envelope, sort_keys=True, separators=(",", ":"))
+    return hashlib.blake2b(canonical.encode("utf-8"), digest_size=16).digest()
 
 
 def default_rejects_path(output):

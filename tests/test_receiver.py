@@ -34,7 +34,8 @@ def test_each_message_is_stored_once_with_the_documents_status_lines(server, key
     assert receiver.wait() == 0, receiver.stderr
     records = read_records(output)
     assert_exactly_once(records, texts)
-    assert all(set(record) == {"message_id", "message", "timestamp"} for record in records)
+    assert all(set(record) == {"message_id", "message", "timestamp", "envelope_digest"}
+               for record in records)
     for message_id in ids:
         for line in ("📩 [RECEIVER] Received message %s",
                      "💾 [RECEIVER] Message %s saved to file",

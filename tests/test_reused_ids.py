@@ -34,3 +34,25 @@ def test_the_sender_reports_a_reused_id_as_refused_once(server, connect, keys, t
     assert refusals == ["⚠️ [SENDER] Broker refused message taken-1: message_id taken-1 "
                         "already used for different content"], result.stdout
     assert server.broker.stats()["totals"]["published"] == 2, "taken-1 once, fresh once"
+
+
+def test_the_receiver_rejects_a_known_id_with_another_envelope(start_server, keys, spawn,
+                                                               tmp_path):
+    """A stored id redelivered with a different envelope is rejected to .dead, not acked."""
+    from scripts import publish_sealed, read_records, receiver_args
+    server = start_server(redelivery_interval=30.0)
+    output = tmp_path / "out.json"
+    [taken] = publish_sealed(server.address, keys, ["original"])
+    receiver = spawn(receiver_args(server.address[1], keys, output, "--max-messages", "1"))
+    assert receiver.wait() == 0, receiver.stderr
+    # A second broker (no dedup memory of the first) delivers another envelope under that id.
+    other = start_server(redelivery_interval=30.0)
+    publish_sealed(other.address, keys, ["impostor"], message_id=taken)
+    publish_sealed(other.address, keys, ["after"])
+    receiver = spawn(receiver_args(other.address[1], keys, output, "--max-messages", "1", "-v"))
+    assert receiver.wait() == 0, receiver.stderr
+    assert sorted(r["message"] for r in read_records(output)) == ["after", "original"]
+    rejects = read_records(tmp_path / "out.rejects.json")
+    assert [(r["message_id"], r["reason"]) for r in rejects] == [
+        (taken, "message_id already used for different content")]
+    assert other.broker.stats()["queues"]["default_queue.dead"]["ready"] == 1
