@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 from . import client
-from .errors import ConnectionLost, ServerError, UsageError
+from .errors import ConnectionLost, OutputWriteFailed, ServerError, UsageError
 from .store import JsonLinesFile, MessageStore, encode
 
 ATTEMPTS = 3                # sends of one ack before giving up on its confirmation
@@ -57,6 +57,7 @@ STOP_CHECK = 0.25
 CRASH_ENV = "CIPHERMQ_CRASH_AT"
 CRASH_POINTS = ("before-write", "mid-write", "after-write", "after-fsync", "after-ack")
 CRASHED = 70                # the exit status of a crash at a CRASH_POINT
+WRITE_FAILED = 74           # the output or rejects file could not be written (EX_IOERR)
 #: The reject reason for a known id that arrives with another envelope.
 REUSED_ID = "message_id already used for different content"
 #: Fields the broker adds to an envelope on delivery: not part of what the id binds.
@@ -281,7 +282,9 @@ class Receiver:
 
         1. dedup check  2. decrypt  3. append  4. flush + fsync  5. ack.
         A crash before 5 leaves the message unacked (the broker delivers it
-        again, and 1 recognises it); a crash after 4 cannot lose it.
+        again, and 1 recognises it); a crash after 4 cannot lose it.  A write
+        or fsync that fails (full disk, I/O error) raises OutputWriteFailed
+        before anything of the batch is acked or rejected.
         """
         opened = self._decrypt_new(batch)       # 2. decrypt, all at once: ids not in the store
         to_ack, saved, to_reject = [], [], []
@@ -311,12 +314,13 @@ class Receiver:
                 continue
             to_ack.append(message_id)
             self.new += 1
-            self._append(message_id, message, timestamp, digest)          # 3. append
+            self._written(self.store, self._append, message_id, message, timestamp,
+                          digest)                                         # 3. append
             saved.append(message_id)
         if to_reject:
-            self.rejects.sync()         # recorded before the broker is told
+            self._written(self.rejects, self.rejects.sync)  # recorded before the broker is told
         if saved:
-            self.store.sync()                                             # 4. flush + fsync
+            self._written(self.store, self.store.sync)                    # 4. flush + fsync
             self.last_new = time.monotonic()
         self.hook.check("after-fsync", self.new)
         for message_id in saved:
@@ -355,9 +359,17 @@ class Receiver:
 
     def _reject(self, message_id, reason, timestamp):
         if self.rejects is None:
-            self.rejects = JsonLinesFile(self.rejects_path)
-        self.rejects.append({"message_id": message_id, "reason": reason, "timestamp": timestamp})
+            self.rejects = self._written(self.rejects_path, JsonLinesFile, self.rejects_path)
+        self._written(self.rejects, self.rejects.append,
+                      {"message_id": message_id, "reason": reason, "timestamp": timestamp})
         self.report.refused(message_id, self.rejects_path)
+
+    def _written(self, file, write, *args):
+        """``write(*args)``; an OSError becomes OutputWriteFailed naming ``file``'s path."""
+        try:
+            return write(*args)
+        except OSError as exc:
+            raise OutputWriteFailed(getattr(file, "path", file), exc) from None
 
     # -- acks and their confirmations ---------------------------------------------------
 
@@ -434,9 +446,12 @@ class Receiver:
             self.connection.close()
         if self.decryptors is not None:
             self.decryptors.shutdown()
-        self.store.close()
-        if self.rejects is not None:
-            self.rejects.close()
+        for file in (self.store, self.rejects):
+            try:
+                if file is not None:
+                    file.close()
+            except OSError:
+                pass            # a failed write was reported already; nothing unwritten was acked
         self.report.progress()
 
 
