@@ -10,6 +10,7 @@ import signal
 
 import pytest
 from conftest import Wire
+from consumer_faults import hung_receiver, stale_backlog
 from scripts import (
     PATIENCE,
     assert_exactly_once,
@@ -17,6 +18,7 @@ from scripts import (
     receiver_args,
     run_sender,
 )
+from test_faults import CI, play
 
 from ciphermq import checker
 
@@ -131,3 +133,18 @@ def test_a_stale_backlog_is_dead_lettered_with_a_reason_and_the_checker_says_so(
     assert "✅ [CHECKER] 0 lost" not in report
     assert "but not all delivered" in report
     assert_exactly_once(read_records(output), [])
+
+
+def test_fault_matrix_rows_hung_receiver_and_stale_backlog(keys, tmp_path):
+    """The matrix's rows 7 and 8 at CI size: the hung receiver loses and dead-letters
+    nothing; the stale backlog is all rejected, none lost, none stored."""
+    (tmp_path / "hung").mkdir()
+    (tmp_path / "stale").mkdir()
+    hung = play(hung_receiver, tmp_path / "hung", keys, CI)
+    assert hung.tally.ok and hung.tally.acked == hung.tally.attempted, hung.verdict()
+    assert len(hung.tally.stored) == CI.messages and "0 dead-lettered" in hung.notes, \
+        hung.verdict()
+    stale = play(stale_backlog, tmp_path / "stale", keys, CI)
+    assert stale.tally.ok and not stale.tally.stored, stale.verdict()
+    assert stale.tally.rejected == stale.tally.acked and len(stale.tally.acked) == CI.messages
+    assert "%d in default_queue.dead with their reason" % CI.messages in stale.notes

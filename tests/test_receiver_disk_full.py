@@ -1,6 +1,11 @@
 """The receiver on a full disk (issue 10, item 5, receiver side): it stops with one ❌ line
 naming the file and the reason, exit status 74, and acks nothing it did not store."""
+import os
+
+import pytest
+from consumer_faults import CannotMount, receiver_disk_full
 from scripts import intact_ids, publish_sealed, queue_stats, read_records, receiver_args
+from test_faults import CI, play
 from test_journal_faults import fill, small_disk  # noqa: F401  (the tmpfs fixture, reused)
 
 from ciphermq.receiver import WRITE_FAILED
@@ -31,3 +36,16 @@ def test_a_full_disk_stops_the_receiver_cleanly_and_acks_nothing_unwritten(
     records = read_records(output)
     assert sorted(r["message"] for r in records) == \
         sorted(["before %d" % i for i in range(3)] + big)
+
+
+def test_fault_matrix_row_receiver_disk_full(keys, tmp_path):
+    """The matrix's row 9 at CI size: the receiver's disk fills mid-stream, nothing is lost
+    or duplicated once it has space again."""
+    try:
+        result = play(receiver_disk_full, tmp_path, keys, CI)
+    except CannotMount as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+    assert result.tally.ok and result.tally.acked == result.tally.attempted, result.verdict()
+    assert len(result.tally.stored) == CI.messages and result.faults["receiver disk full"] == 1
