@@ -227,3 +227,29 @@ def test_digests_of_acked_ids_survive_the_journal():
                              body("m0", "first")) is False
         with pytest.raises(BrokerError, match="already used for different content"):
             again.publish("default_exchange", "default_key", "m0", body("m0", "second"))
+
+
+def test_reject_arguments_are_checked_and_the_reason_tamed():
+    """reject needs an id; its reason is printable ASCII, one line, at most 200 characters."""
+    from ciphermq import protocol
+    from ciphermq.errors import ProtocolError
+    with pytest.raises(ProtocolError, match=r"usage: reject <message_id> \[reason\]"):
+        protocol.parse_reject(b"")
+    with pytest.raises(ProtocolError, match="invalid message id name"):
+        protocol.parse_reject(b"a/b why")
+    assert protocol.parse_reject(b"m1") == ("m1", "no reason given")
+    assert protocol.parse_reject(b"m1  too\told \x01\xff  ") == ("m1", "too old ??")
+    assert protocol.parse_reject(b"m1 " + b"x" * 500)[1] == "x" * protocol.MAX_REJECT_REASON
+
+
+def test_reject_on_the_wire(connect):
+    """reject answers REJECT_CONFIRMED and the message is in <queue>.dead with its reason."""
+    from conftest import parse_message, publish_line
+    client = connect()
+    assert client.call(publish_line("wr-1").strip()) == "ACK wr-1"
+    assert parse_message(client.call("fetch default_queue"))[0] == "wr-1"
+    assert client.call("reject wr-1 tampered envelope") == "REJECT_CONFIRMED wr-1"
+    message_id, envelope = parse_message(client.call("fetch default_queue.dead"))
+    assert (message_id, envelope["dead_reason"]) == ("wr-1", "rejected: tampered envelope")
+    assert client.call("reject wr-2") == \
+        "Error: message 'wr-2' is not delivered to this connection"
