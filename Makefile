@@ -7,14 +7,15 @@ PORT   ?= 5672
 HTTP_PORT ?= 15672
 KEYS   ?= keys
 
-.PHONY: install run-server test lint clean keys demo send receive certs fuzz browser-deps dashboard-screenshot
+.PHONY: install run-server test lint clean keys demo send receive certs fuzz browser-deps dashboard-screenshot \
+        lesson
 
 install: $(VENV)/.installed
 
 # Re-installs when the package metadata changes; the editable install makes code edits live.
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,amqp]'
 	touch $@
 
 run-server: install
@@ -53,6 +54,11 @@ browser-deps:
 # docs/dashboard.png: a minute of mixed traffic, then chromium --headless --screenshot.
 dashboard-screenshot: install browser-deps
 	$(PY) bench/dashboard_screenshot.py --out docs/dashboard.png $(ARGS)
+
+# docs/TUTORIAL.md, one lesson at a time: make lesson N=3 (no N: the list).  ARGS='--http-port
+# 15672 --hold' gives the lesson's brokers a dashboard and keeps them up until Enter.
+lesson: install
+	$(PY) bin/lesson.py $(N) $(ARGS)
 
 # 100,000 fuzzed lines beside a well-behaved client; exits 1 if a guarantee fails.
 fuzz: install
@@ -106,7 +112,38 @@ faults: install keys
 
 # Broker in chaos mode + receiver + 200 messages: watch the retries, redeliveries and dedup,
 # then the checker's verdict.  Stops everything it started, also on Ctrl-C.
+# DEMO_HTTP_PORT= (empty) runs it without the dashboard.
+DEMO_HTTP_PORT ?= 15672
+
 chaos-demo: install keys
 	$(PY) bin/demo.py --count 200 -v --chaos $(CHAOS) --chaos-seed $(CHAOS_SEED) \
-	  --broker-arg=--redelivery-interval=2 $(ARGS)
+	  --broker-arg=--redelivery-interval=2 $(if $(DEMO_HTTP_PORT),--http-port $(DEMO_HTTP_PORT)) \
+	  $(ARGS)
 # ------------------------------------------------------------------------ end fault matrix
+
+# ---------------------------------------------------------------------------------------
+# RabbitMQ: the same scripts over a 3-node cluster (ciphermq/amqp.py, docs/SCALING.md) --
+# issue 13.  Debian's rabbitmq-server is installed with apt when missing (needs root).
+.PHONY: cluster cluster-status cluster-stop rabbitmq-install
+
+CLUSTER_DIR  ?= .cluster
+CLUSTER_PORT ?= 5681
+
+# 3 nodes on 127.0.0.1, AMQP on $(CLUSTER_PORT)..+2, own epmd, state in $(CLUSTER_DIR)/.
+cluster: install rabbitmq-install
+	$(PY) bin/cluster.py start --dir $(CLUSTER_DIR) --base-port $(CLUSTER_PORT) $(ARGS)
+
+cluster-status: install
+	$(PY) bin/cluster.py status --dir $(CLUSTER_DIR)
+
+# Stops exactly the processes `make cluster` started (pids in $(CLUSTER_DIR)/cluster.json).
+cluster-stop: install
+	$(PY) bin/cluster.py stop --dir $(CLUSTER_DIR)
+
+# The package may try to start a system node on 5672 (our broker's port): where there is
+# no systemd to ask, .ci/stop-system-rabbitmq stops it by its pid.
+rabbitmq-install:
+	@test -x /usr/lib/rabbitmq/bin/rabbitmq-server || { \
+	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y rabbitmq-server && \
+	  .ci/stop-system-rabbitmq; }
+# ----------------------------------------------------------------------------- end cluster

@@ -38,6 +38,7 @@ whatever was in flight is simply ready again.
 """
 import collections
 import hashlib
+import itertools
 import json
 import logging
 import threading
@@ -473,6 +474,64 @@ class Broker:
             self._notify_writers()
         _log_events(events)
 
+    # -- administration (ciphermq-admin) -------------------------------------------
+
+    def purge(self, queue_name):
+        """Drop every *ready* message of a queue; return how many were dropped.
+
+        Messages in flight stay with their consumers (an ack still settles
+        them).  A purged id is settled like an acked one: it enters the dedup
+        window, so a sender's late retry does not bring it back.  One journal
+        record; the lock is held for O(purged) work.
+        """
+        with self.mutex:
+            queue = self._queue(queue_name)
+            if self.journal is not None:
+                self.journal.check_writable()   # a disk refusing writes refuses it up front
+            purged, queue.ready = list(queue.ready), collections.deque()
+            for message in purged:
+                self._forget_copy(message, journal=False)
+            if purged and self.journal is not None:
+                self.journal.append(recovery.purge_record(
+                    queue.name, [m.id for m in purged], int(self.wall_clock() * 1000)))
+            return len(purged)
+
+    def requeue_dead(self, queue_name):
+        """Move the ready messages of ``<queue>.dead`` back to the end of ``<queue>``.
+
+        Their delivery counts start again from 0, so each gets
+        ``max_deliveries`` new chances.  Returns how many moved.  One journal
+        record; the lock is held for O(moved) work.
+        """
+        with self.mutex:
+            if queue_name.endswith(DEAD_SUFFIX):
+                raise BrokerError("'%s' is a dead-letter queue: name the queue it belongs to"
+                                  % queue_name)
+            queue = self._queue(queue_name)
+            dead = self._queue(queue_name + DEAD_SUFFIX)
+            if self.journal is not None:
+                self.journal.check_writable()
+            moved, dead.ready = list(dead.ready), collections.deque()
+            for message in moved:
+                queue.ready.append(Message(message.id, message.body, queue))
+            if moved:
+                self._record(recovery.requeue_record, dead.name, queue.name,
+                             [m.id for m in moved])
+                self._dispatch(queue)
+            self._notify_writers()
+            return len(moved)
+
+    def peek(self, queue_name, count):
+        """The first ``count`` ready messages of a queue as ``(id, size, delivery_count)``.
+
+        Sizes are envelope bytes; contents never leave the broker this way.
+        Changes nothing.
+        """
+        with self.mutex:
+            queue = self._queue(queue_name)
+            return [(m.id, len(m.body), m.deliveries)
+                    for m in itertools.islice(queue.ready, count)]
+
     # -- the timer's work ---------------------------------------------------
 
     def retry_unacknowledged(self, now=None):
@@ -787,10 +846,10 @@ class Broker:
                        (message.id, dead.name, reason)))
         return dead
 
-    def _forget_copy(self, message):
-        """One copy acked; when none is left the id enters the dedup window."""
+    def _forget_copy(self, message, journal=True):
+        """One copy acked (or purged); when none is left the id enters the dedup window."""
         message_id = message.id
-        if self.journal is not None:
+        if journal and self.journal is not None:
             self.journal.append(recovery.ack_record(message_id, message.queue.name,
                                                     int(self.wall_clock() * 1000),
                                                     self._digests.get(message_id)))

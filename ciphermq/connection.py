@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 #: Replies that promise a record is on disk (see Connection._sync).
 _NEEDS_THE_DISK = (b"ACK ", protocol.QUEUE_DECLARED, protocol.EXCHANGE_DECLARED,
-                   protocol.QUEUE_BOUND)
+                   protocol.QUEUE_BOUND, b"Purged ", b"Requeued ")
 
 
 class Connection(socketserver.BaseRequestHandler):
@@ -473,6 +473,29 @@ class Connection(socketserver.BaseRequestHandler):
         protocol.split_args(args, "ping", 0)
         self._replies.append(protocol.PONG)
 
+    # -- administration (ciphermq-admin); the admin right with --users ---------
+
+    def do_purge(self, args):
+        (raw_queue,) = protocol.split_args(args, "purge <queue>", 1)
+        queue = protocol.parse_name(raw_queue, "queue")
+        self.principal.check_admin()
+        self._replies.append(protocol.purged_reply(self.broker.purge(queue)))
+        self._must_sync = True
+
+    def do_requeue_dead(self, args):
+        (raw_queue,) = protocol.split_args(args, "requeue_dead <queue>", 1)
+        queue = protocol.parse_name(raw_queue, "queue")
+        self.principal.check_admin()
+        self._replies.append(protocol.requeued_reply(self.broker.requeue_dead(queue)))
+        self._must_sync = True
+
+    def do_peek(self, args):
+        words = protocol.split_args(args, "peek <queue> [n]", 1, 2)
+        queue = protocol.parse_name(words[0], "queue")
+        count = protocol.parse_peek_count(words[1]) if len(words) > 1 else protocol.DEFAULT_PEEK
+        self.principal.check_admin()
+        self._replies.append(protocol.peek_reply(queue, self.broker.peek(queue, count)))
+
     #: Commands queued and run as a group (see _run_group).
     GROUPED = (do_publish, do_ack)
 
@@ -489,4 +512,7 @@ class Connection(socketserver.BaseRequestHandler):
         "reject": do_reject,
         "stats": do_stats,
         "ping": do_ping,
+        "purge": do_purge,
+        "requeue_dead": do_requeue_dead,
+        "peek": do_peek,
     }

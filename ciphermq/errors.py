@@ -104,6 +104,10 @@ class UsageError(CipherMQError, ValueError):
     """
 
 
+class UrlError(UsageError):
+    """A --url value that cannot be used; the message says why."""
+
+
 class KeyFileError(UsageError):
     """A key file cannot be read, or holds no usable key of the kind asked for."""
 
@@ -126,3 +130,11 @@ class OutputWriteFailed(CipherMQError):
 
 class CheckError(CipherMQError):
     """An input the checker cannot use: unreadable, corrupt, or missing its records."""
+
+
+class MissingDependency(CipherMQError):
+    """An optional dependency (pika, for amqp:// URLs) is not installed; says how to install it."""
+
+
+class RabbitMQUnavailable(CipherMQError, RuntimeError):
+    """RabbitMQ (or pika, needed to talk to it) is not installed or did not start."""

@@ -45,6 +45,18 @@ def dead_letter_record(message_id, from_queue, to_queue, reason=None):
     return record if reason is None else record + b" " + reason.encode("ascii", "replace")
 
 
+def purge_record(queue_name, message_ids, wall_ms):
+    """``purge``: the ready copies of these ids left the queue, settled like acks."""
+    return b"U %s %s %d" % (queue_name.encode("ascii"),
+                            ",".join(message_ids).encode("ascii"), wall_ms)
+
+
+def requeue_record(from_queue, to_queue, message_ids):
+    """``requeue_dead``: these ids moved from a dead-letter queue back to its queue."""
+    return b"R %s %s %s" % (from_queue.encode("ascii"), to_queue.encode("ascii"),
+                            ",".join(message_ids).encode("ascii"))
+
+
 class RecoveredState:
     """Everything a journal says, in plain containers, in the order it was said."""
 
@@ -123,8 +135,21 @@ def _fold_dead_letter(state, rest):
         state.queues.setdefault(to_queue, None)
 
 
+def _fold_purge(state, rest):
+    queue, ids, wall_ms = rest.decode("ascii").split(" ")
+    for message_id in ids.split(","):
+        _fold_ack(state, ("%s %s %s" % (message_id, queue, wall_ms)).encode("ascii"))
+
+
+def _fold_requeue(state, rest):
+    from_queue, to_queue, ids = rest.decode("ascii").split(" ")
+    for message_id in ids.split(","):
+        _fold_dead_letter(state, ("%s %s %s" % (message_id, from_queue, to_queue)).encode())
+
+
 _FOLDERS = {b"Q": _fold_queue, b"X": _fold_exchange, b"B": _fold_binding,
-            b"P": _fold_publish, b"A": _fold_ack, b"D": _fold_dead_letter}
+            b"P": _fold_publish, b"A": _fold_ack, b"D": _fold_dead_letter,
+            b"U": _fold_purge, b"R": _fold_requeue}
 
 
 def snapshot_records(state):

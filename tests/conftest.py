@@ -17,7 +17,7 @@ from proxy import FaultProxy
 from ciphermq.config import ServerConfig
 from ciphermq.server import BrokerServer
 
-pytest_plugins = ["scripts"]
+pytest_plugins = ["scripts", "rabbitmq"]
 
 #: How long a test waits for a line it expects before failing (not a sleep).
 WAIT = 5.0
