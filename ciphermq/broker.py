@@ -15,11 +15,12 @@ A message copy in a queue is in one of two states::
 
 A message is never dropped: it leaves the broker only by an ack.
 
-A consumer that has not answered since a push was sent to it (no ack, nack or
-reject: it is hung, stopped or slow) is *stalled*.  Its overdue messages are
-not counted as failed deliveries and are not pushed to it again and again:
-they move to another consumer with room, or (pushed to it once more, in case
-a push was lost) wait for it.  A session that holds messages and has said
+An overdue delivery counts as given back only if its consumer has acked (or
+nacked, rejected) a message delivered *after* it: it read past it.  A
+consumer still busy with earlier messages is slow, and its overdue ones wait
+for it.  One that has said nothing since the push (hung, stopped) is
+*stalled*: its overdue messages move to another consumer with room, or
+(pushed to it once more) wait for it, and it gets no new pushes.  A session that holds messages and has said
 nothing for ``consumer_timeout`` is disconnected through its ``hang_up``
 callback, and what it held is requeued -- that counts.  ``Message.returns``
 counts only these real give-backs (nack, disconnect, consumer timeout, a
@@ -60,7 +61,7 @@ class Message:
     """One copy of a message in one queue."""
 
     __slots__ = ("id", "body", "queue", "deliveries", "consumer", "deadline", "returns",
-                 "handed_at", "pushed_again", "reason")
+                 "handed_at", "seq", "pushed_again", "push_lost", "reason")
 
     def __init__(self, message_id, body, queue, reason=None):
         self.id = message_id
@@ -71,7 +72,9 @@ class Message:
         self.consumer = None        # the Consumer it was pushed to (None when pulled)
         self.deadline = 0.0         # when an unacked delivery is taken back
         self.handed_at = 0.0        # clock() of the current delivery
+        self.seq = 0                # the broker's hand-over count at the current delivery
         self.pushed_again = False   # already pushed once more to a stalled consumer
+        self.push_lost = False      # chaos mode lost its push: a timeout is a plain redelivery
         self.reason = reason        # why it is in a dead-letter queue (None elsewhere)
 
 
@@ -135,6 +138,7 @@ class Session:
         self.hang_up = hang_up
         self.heard_at = now         # clock() of its last ack, nack, reject, fetch or consume
         self.stalled = False        # silent since a push fell due (see the module docstring)
+        self.progress = 0           # highest Message.seq it acked, nacked or rejected
         self.held = {}              # message id -> Message delivered and not acked, in order
         self.consumers = {}         # queue name -> Consumer
         self.pushes = []            # (message_id, body, delivery_count) to write
@@ -186,6 +190,7 @@ class Broker:
         self._acked_at = {}         # message id -> clock() of its first ack
         self._acked_order = collections.deque()   # ids in _acked_at, oldest first
         self._digests = {}          # id in _live or _acked_at -> envelope_digest(body)
+        self._handovers = 0         # deliveries made so far: each one's Message.seq
         self._live_bytes = 0        # envelope bytes of live messages (compaction rule)
         self._new_pushes = []       # sessions whose pushes stopped being empty in this call
         self.totals = dict.fromkeys(
@@ -373,6 +378,15 @@ class Broker:
             batch, session.pushes = session.pushes, []
             return batch
 
+    def lose_pushes(self, session, message_ids):
+        """Chaos mode dropped these pushes on purpose: when they fall due they are redelivered
+        as any unacked delivery is, not treated as waiting at a stalled consumer."""
+        with self.mutex:
+            for message_id in message_ids:
+                message = session.held.get(message_id)
+                if message is not None:
+                    message.push_lost = True
+
     def call_writer(self, session):
         """Make the session's delivery thread look at its pushes (and its connection's backlog)."""
         with self.mutex:
@@ -416,6 +430,7 @@ class Broker:
             if message_id in self._acked_at:
                 return False
             raise BrokerError("message '%s' is not delivered to this connection" % message_id)
+        session.progress = max(session.progress, message.seq)
         self._release(message)
         self._forget_copy(message)
         self.totals["acked"] += 1
@@ -432,6 +447,7 @@ class Broker:
             if message is None:
                 raise BrokerError("message '%s' is not delivered to this connection"
                                   % message_id)
+            session.progress = max(session.progress, message.seq)
             events = []
             self._requeue([message], events, "nacked")
             self._notify_writers()
@@ -467,6 +483,7 @@ class Broker:
                 raise BrokerError("message '%s' is already in %s: ack it to drop it"
                                   % (message_id, message.queue.name))
             del session.held[message_id]
+            session.progress = max(session.progress, message.seq)
             self._release(message)
             dead = self._dead_letter(message, "rejected: %s" % reason, events)
             self._dispatch(message.queue)
@@ -568,9 +585,13 @@ class Broker:
                 for message in list(session.held.values()):
                     if message.deadline > now:
                         next_due = min(next_due, message.deadline)
-                    elif message.consumer is None or session.heard_at > message.handed_at:
-                        del session.held[message.id]    # pulled, or ignored by a live consumer
+                    elif message.consumer is None or message.push_lost or \
+                            session.progress > message.seq:
+                        del session.held[message.id]    # pulled, lost, or skipped: counted
                         given_back.append(message)
+                    elif session.heard_at > message.handed_at:
+                        message.deadline = now + self.redelivery_interval   # slow: not there yet
+                        next_due = min(next_due, message.deadline)
                     else:
                         session.stalled = True
                         waiting += self._unstick(session, message, now, events)
@@ -782,6 +803,9 @@ class Broker:
         message.consumer = consumer
         message.handed_at = self.clock()
         message.deadline = message.handed_at + self.redelivery_interval
+        self._handovers += 1
+        message.seq = self._handovers
+        message.push_lost = False
         session.held[message.id] = message
         message.queue.unacked += 1
         self.totals["delivered"] += 1

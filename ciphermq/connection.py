@@ -338,8 +338,12 @@ class Connection(socketserver.BaseRequestHandler):
     def _push_lines(self, batch):
         """The ``Message:`` lines for a batch of deliveries (chaos may lose some)."""
         if self.chaos:
-            batch = [delivery for delivery in batch if not self.chaos.strikes(
+            kept = [delivery for delivery in batch if not self.chaos.strikes(
                 "drop-delivery", "losing the push of message %s" % delivery[0])]
+            if len(kept) < len(batch):      # send_lock -> broker.mutex: the documented order
+                lost = {delivery[0] for delivery in batch} - {d[0] for d in kept}
+                self.broker.lose_pushes(self.session, lost)
+            batch = kept
         message_line = protocol.message_line
         return b"".join([message_line(*delivery) for delivery in batch])
 

@@ -253,3 +253,33 @@ def test_reject_on_the_wire(connect):
     assert (message_id, envelope["dead_reason"]) == ("wr-1", "rejected: tampered envelope")
     assert client.call("reject wr-2") == \
         "Error: message 'wr-2' is not delivered to this connection"
+
+
+def test_a_push_chaos_lost_is_redelivered_to_a_silent_consumer(broker, clock):
+    """A push chaos mode dropped comes back at every interval, however silent the consumer."""
+    session = broker.open_session("s")
+    broker.register_consumer(session, "default_queue", 10)
+    publish(broker, "m0")
+    pushes = []
+    for _ in range(3):
+        pushes += pushed(broker, session)
+        broker.lose_pushes(session, ["m0"])
+        clock.advance(31)
+        broker.retry_unacknowledged()
+    assert pushes == ["m0", "m0", "m0"]
+
+
+def test_a_slow_consumer_behind_its_prefetch_is_not_counted(broker, clock):
+    """Overdue messages a consumer has not reached yet (it acks older ones) wait, uncounted."""
+    session = broker.open_session("slow")
+    broker.register_consumer(session, "default_queue", 10)
+    for i in range(4):
+        publish(broker, "m%d" % i)
+    assert pushed(broker, session) == ["m0", "m1", "m2", "m3"]
+    for i in range(4):                      # one message every 31 s: the rest are overdue
+        clock.advance(31)
+        broker.acknowledge(session, "m%d" % i)
+        broker.retry_unacknowledged()
+        assert pushed(broker, session) == []
+    assert broker.stats()["totals"]["redelivered"] == 0
+    assert broker.stats()["totals"]["acked"] == 4
