@@ -20,12 +20,12 @@ nacked, rejected) a message delivered *after* it: it read past it.  A
 consumer still busy with earlier messages is slow, and its overdue ones wait
 for it.  One that has said nothing since the push (hung, stopped) is
 *stalled*: its overdue messages move to another consumer with room, or
-(pushed to it once more) wait for it, and it gets no new pushes.  A session that holds messages and has said
-nothing for ``consumer_timeout`` is disconnected through its ``hang_up``
-callback, and what it held is requeued -- that counts.  ``Message.returns``
-counts only these real give-backs (nack, disconnect, consumer timeout, a
-pulled or ignored message's timeout); ``max_deliveries`` of them dead-letter
-a message.
+(pushed to it once more) wait for it, and it gets no new pushes.  A session
+that holds messages and has said nothing for ``consumer_timeout`` is
+disconnected through its ``hang_up`` callback, and what it held is requeued
+-- that counts.  ``Message.returns`` counts only these real give-backs (nack,
+disconnect, consumer timeout, the timeout of a pulled or skipped message);
+``max_deliveries`` of them dead-letter a message.
 
 Every message id is remembered with a digest of its envelope (as long as the
 id is live or in the dedup window): the same id with the same bytes is a
