@@ -304,15 +304,17 @@ class AmqpClient:
     def ack(self, message_id, timeout=None):
         self.ack_async(message_id).result(self._wait(timeout))
 
-    def reject_many(self, message_ids):
-        """Reject deliveries without requeue, so RabbitMQ moves them to ``<queue>.dead``.
+    def reject_many(self, refusals):
+        """Reject ``(id, reason)`` deliveries without requeue: RabbitMQ moves them to ``<queue>.dead``.
 
-        Returns Replies (``REJECTED <id>``), in order.
+        The same call as :meth:`ciphermq.client.Client.reject_many`; AMQP's
+        ``basic.reject`` carries no reason, so the reason stays in the
+        receiver's rejects file.  Returns Replies (``REJECTED <id>``), in order.
         """
-        return self._settle(message_ids, "reject")
+        return self._settle([message_id for message_id, _ in refusals], "reject")
 
-    def reject(self, message_id, timeout=None):
-        self.reject_many([message_id])[0].result(self._wait(timeout))
+    def reject(self, message_id, timeout=None, reason=""):
+        self.reject_many([(message_id, reason)])[0].result(self._wait(timeout))
 
     def _settle(self, message_ids, how):
         replies = [(Reply("%s %s" % (how, message_id)), message_id)

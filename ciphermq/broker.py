@@ -9,10 +9,27 @@ A message copy in a queue is in one of two states::
 
     ready --push/consume--> in flight (held by one Session) --acknowledge--> gone
       ^                          |
-      +---- nack, timeout, ------+----(max deliveries reached)----> <queue>.dead
-            disconnect
+      +---- nack, timeout, ------+----(given back max_deliveries times)----> <queue>.dead
+            disconnect           |
+                                 +----reject <id> [reason]----------------> <queue>.dead
 
 A message is never dropped: it leaves the broker only by an ack.
+
+An overdue delivery counts as given back only if its consumer has acked (or
+nacked, rejected) a message delivered *after* it: it read past it.  A
+consumer still busy with earlier messages is slow, and its overdue ones wait
+for it.  One that has said nothing since the push (hung, stopped) is
+*stalled*: its overdue messages move to another consumer with room, or
+(pushed to it once more) wait for it, and it gets no new pushes.  A session
+that holds messages and has said nothing for ``consumer_timeout`` is
+disconnected through its ``hang_up`` callback, and what it held is requeued
+-- that counts.  ``Message.returns`` counts only these real give-backs (nack,
+disconnect, consumer timeout, the timeout of a pulled or skipped message);
+``max_deliveries`` of them dead-letter a message.
+
+Every message id is remembered with a digest of its envelope (as long as the
+id is live or in the dedup window): the same id with the same bytes is a
+duplicate, re-ACKed; with different bytes it is refused.
 
 With a :class:`~ciphermq.journal.Journal` attached, every change that must
 survive a crash is appended to it under the mutex (a memory append; the disk
@@ -21,7 +38,9 @@ until it is on disk.  In-flight state is not journaled: after a restart,
 whatever was in flight is simply ready again.
 """
 import collections
+import hashlib
 import itertools
+import json
 import logging
 import threading
 import time
@@ -43,15 +62,22 @@ STATS_MAX_QUEUES = 100
 class Message:
     """One copy of a message in one queue."""
 
-    __slots__ = ("id", "body", "queue", "deliveries", "consumer", "deadline")
+    __slots__ = ("id", "body", "queue", "deliveries", "consumer", "deadline", "returns",
+                 "handed_at", "seq", "pushed_again", "push_lost", "reason")
 
-    def __init__(self, message_id, body, queue):
+    def __init__(self, message_id, body, queue, reason=None):
         self.id = message_id
         self.body = body            # the envelope JSON as bytes, shared by all copies
         self.queue = queue
         self.deliveries = 0         # times pushed to a consumer or pulled by consume()
+        self.returns = 0            # times given back: nack, disconnect, timeouts (see module)
         self.consumer = None        # the Consumer it was pushed to (None when pulled)
         self.deadline = 0.0         # when an unacked delivery is taken back
+        self.handed_at = 0.0        # clock() of the current delivery
+        self.seq = 0                # the broker's hand-over count at the current delivery
+        self.pushed_again = False   # already pushed once more to a stalled consumer
+        self.push_lost = False      # chaos mode lost its push: a timeout is a plain redelivery
+        self.reason = reason        # why it is in a dead-letter queue (None elsewhere)
 
 
 class Queue:
@@ -104,11 +130,17 @@ class Session:
       session closes.
     """
 
-    def __init__(self, name, mutex, write_pushes=None):
+    def __init__(self, name, mutex, write_pushes=None, hang_up=None, now=0.0):
         self.name = name
         #: The connection's callback: write ``pushes`` now, never blocking.
         #: Called without any broker lock, by whoever made pushes.
         self.write_pushes = write_pushes
+        #: The connection's callback to close it (consumer timeout); called
+        #: without any broker lock, by the redelivery timer's thread.
+        self.hang_up = hang_up
+        self.heard_at = now         # clock() of its last ack, nack, reject, fetch or consume
+        self.stalled = False        # silent since a push fell due (see the module docstring)
+        self.progress = 0           # highest Message.seq it acked, nacked or rejected
         self.held = {}              # message id -> Message delivered and not acked, in order
         self.consumers = {}         # queue name -> Consumer
         self.pushes = []            # (message_id, body, delivery_count) to write
@@ -133,8 +165,9 @@ class Broker:
                  max_queue_length=1_000_000, max_queues=10_000, max_exchanges=1_000,
                  max_bindings=10_000, max_memory=512 * 1024 * 1024, max_unacked=10_000,
                  dedup_window=3600.0, dedup_max_ids=1_000_000, clock=time.monotonic,
-                 wall_clock=time.time, journal=None):
+                 wall_clock=time.time, journal=None, consumer_timeout=300.0):
         self.redelivery_interval = redelivery_interval
+        self.consumer_timeout = consumer_timeout
         self.max_deliveries = max_deliveries
         self.max_queue_length = max_queue_length
         self.max_queues = max_queues
@@ -161,6 +194,8 @@ class Broker:
         self._live = {}             # message id -> copies not yet acked
         self._acked_at = {}         # message id -> clock() of its first ack
         self._acked_order = collections.deque()   # ids in _acked_at, oldest first
+        self._digests = {}          # id in _live or _acked_at -> envelope_digest(body)
+        self._handovers = 0         # deliveries made so far: each one's Message.seq
         self._live_bytes = 0        # envelope bytes of live messages (compaction rule)
         self._new_pushes = []       # sessions whose pushes stopped being empty in this call
         self.totals = dict.fromkeys(
@@ -212,14 +247,16 @@ class Broker:
         """Store a message in every queue it routes to.
 
         Returns True if stored, False if ``message_id`` was already accepted
-        (queued, in flight, or acked within the dedup window): the caller
-        answers ``ACK`` either way and the message is not stored twice.
-        Raises BrokerError if the exchange is unknown, nothing is bound for
-        the key, or a target queue is full -- and then stores nothing.
+        with the same envelope (queued, in flight, or acked within the dedup
+        window): the caller answers ``ACK`` either way and the message is not
+        stored twice.  Raises BrokerError if the exchange is unknown, nothing
+        is bound for the key, a target queue is full, or the id was already
+        used for a different envelope -- and then stores nothing.
         """
+        digest = envelope_digest(body)      # hashing stays outside the lock
         with self.mutex:
             try:
-                return self._publish(exchange_name, routing_key, message_id, body)
+                return self._publish(exchange_name, routing_key, message_id, body, digest)
             finally:
                 self._notify_writers()
 
@@ -238,17 +275,22 @@ class Broker:
         waking another thread per message.
         """
         results = []
+        digests = [envelope_digest(publish[3]) for publish in publishes]
         with self.mutex:
-            for publish in publishes:
+            for publish, digest in zip(publishes, digests):
                 try:
-                    results.append(self._publish(*publish))
+                    results.append(self._publish(*publish, digest))
                 except BrokerError as exc:
                     results.append(exc)
             return results, self._take_writers()
 
-    def _publish(self, exchange_name, routing_key, message_id, body):
+    def _publish(self, exchange_name, routing_key, message_id, body, digest):
         """publish() with the mutex held."""
         if message_id in self._live or message_id in self._acked_at:
+            known = self._digests.get(message_id)
+            if known is not None and known != digest:
+                raise BrokerError("message_id %s already used for different content"
+                                  % message_id)
             self.totals["duplicates"] += 1
             return False
         queues = self._exchange(exchange_name).route(routing_key)
@@ -265,6 +307,7 @@ class Broker:
             raise BrokerError("broker memory limit reached")
         self._queued_bytes += cost
         self._live[message_id] = len(queues)
+        self._digests[message_id] = digest
         self._live_bytes += len(body)
         self.totals["published"] += 1
         if self.journal is not None:
@@ -278,10 +321,10 @@ class Broker:
 
     # -- consuming ----------------------------------------------------------
 
-    def open_session(self, name, write_pushes=None):
-        """A new Session for a connection; ``write_pushes`` is its callback (see Session)."""
+    def open_session(self, name, write_pushes=None, hang_up=None):
+        """A new Session for a connection, with its callbacks (see Session)."""
         with self.mutex:
-            session = Session(name, self.mutex, write_pushes)
+            session = Session(name, self.mutex, write_pushes, hang_up, self.clock())
             self._sessions.add(session)
             return session
 
@@ -299,6 +342,7 @@ class Broker:
                 session.consumers[queue_name] = consumer
                 queue.consumers.append(consumer)
             consumer.prefetch = prefetch
+            self._heard(session)
             self._dispatch(queue)
             self._notify_writers()
 
@@ -318,6 +362,7 @@ class Broker:
         """
         with self.mutex:
             queue = self._queue(queue_name)
+            self._heard(session)
             held = session.held
             if len(held) >= self.max_unacked:
                 raise BrokerError("too many unacked messages on this connection (max %d)"
@@ -333,7 +378,7 @@ class Broker:
                 else:
                     return None
             self._hand_over(message, session, None)
-            return message.id, message.body, message.deliveries
+            return message.id, _delivered_body(message), message.deliveries
 
     def wait_pushes(self, session, timeout=None):
         """Block until ``session`` has pushes waiting or its writer was called; False once closed.
@@ -357,6 +402,15 @@ class Broker:
             batch, session.pushes = session.pushes, []
             return batch
 
+    def lose_pushes(self, session, message_ids):
+        """Chaos mode dropped these pushes on purpose: when they fall due they are redelivered
+        as any unacked delivery is, not treated as waiting at a stalled consumer."""
+        with self.mutex:
+            for message_id in message_ids:
+                message = session.held.get(message_id)
+                if message is not None:
+                    message.push_lost = True
+
     def call_writer(self, session):
         """Make the session's delivery thread look at its pushes (and its connection's backlog)."""
         with self.mutex:
@@ -371,6 +425,7 @@ class Broker:
         BrokerError for a message this session does not hold.
         """
         with self.mutex:
+            self._heard(session)
             try:
                 return self._acknowledge(session, message_id)
             finally:
@@ -384,6 +439,7 @@ class Broker:
         """
         results = []
         with self.mutex:
+            self._heard(session)
             for message_id in message_ids:
                 try:
                     results.append(self._acknowledge(session, message_id))
@@ -399,6 +455,7 @@ class Broker:
             if message_id in self._acked_at:
                 return False
             raise BrokerError("message '%s' is not delivered to this connection" % message_id)
+        session.progress = max(session.progress, message.seq)
         self._release(message)
         self._forget_copy(message)
         self.totals["acked"] += 1
@@ -413,10 +470,12 @@ class Broker:
         """Give a message back now, for redelivery (or the dead-letter queue)."""
         with self.mutex:
             was_full = len(session.held) >= self.max_unacked
+            self._heard(session)
             message = session.held.pop(message_id, None)
             if message is None:
                 raise BrokerError("message '%s' is not delivered to this connection"
                                   % message_id)
+            session.progress = max(session.progress, message.seq)
             events = []
             self._requeue([message], events, "nacked")
             if was_full:
@@ -426,22 +485,41 @@ class Broker:
 
     def close_session(self, session):
         """Forget a connection: everything it held goes back to its queues."""
+        events = []
         with self.mutex:
-            if session.closed:
-                return 0
-            session.closed = True
-            self._sessions.discard(session)
-            for consumer in session.consumers.values():
-                consumer.queue.consumers.remove(consumer)
-            held = list(session.held.values())
-            session.held.clear()
-            session.pushes = []
-            events = []
-            self._requeue(held, events, "connection closed")
+            held = self._close(session, events, "connection closed")
             self._notify_writers()
-            session.has_pushes.notify_all()
         _log_events(events)
-        return len(held)
+        return held
+
+    # -- refusing (basic.reject without requeue) --------------------------------
+
+    def reject(self, session, message_id, reason):
+        """Move a message this session holds straight to ``<queue>.dead``, with ``reason``.
+
+        The consumer refuses it for good (stale, tampered, unsigned...): it is
+        not redelivered, and it is not dropped -- an operator can read
+        ``<queue>.dead``.  Raises BrokerError for a message this session does
+        not hold, or one already in a dead-letter queue (ack it to drop it).
+        """
+        events = []
+        with self.mutex:
+            self._heard(session)
+            message = session.held.get(message_id)
+            if message is None:
+                raise BrokerError("message '%s' is not delivered to this connection"
+                                  % message_id)
+            if message.queue.is_dead_letter_queue:
+                raise BrokerError("message '%s' is already in %s: ack it to drop it"
+                                  % (message_id, message.queue.name))
+            del session.held[message_id]
+            session.progress = max(session.progress, message.seq)
+            self._release(message)
+            dead = self._dead_letter(message, "rejected: %s" % reason, events)
+            self._dispatch(message.queue)
+            self._dispatch(dead)
+            self._notify_writers()
+        _log_events(events)
 
     # -- administration (ciphermq-admin) -------------------------------------------
 
@@ -508,24 +586,57 @@ class Broker:
 
         Called by the redelivery thread.  Returns the clock time at which
         it should be called again.
+
+        A delivery overdue at a session that has said nothing since it was
+        made is not counted as failed and not pushed again and again (see the
+        module docstring: stalled consumers); a session that holds messages
+        and has been silent for ``consumer_timeout`` is closed, and its
+        ``hang_up`` callback called (after the lock is released).
         """
-        events = []
+        events, hang_ups = [], []
         with self.mutex:
             now = self.clock() if now is None else now
             next_due = now + self.redelivery_interval
             for session in list(self._sessions):
-                expired = []
-                for message in session.held.values():
+                if not session.held:
+                    continue
+                silent_since = max(session.heard_at,
+                                   min(m.handed_at for m in session.held.values()))
+                if self.consumer_timeout and now - silent_since >= self.consumer_timeout:
+                    hang_ups.append(session.hang_up)
+                    events.append((logging.WARNING, "Consumer %s acked nothing for %.0f s: "
+                                   "disconnecting it, its messages requeued",
+                                   (session.name, self.consumer_timeout)))
+                    self._close(session, events, "consumer timeout")
+                    continue
+                if self.consumer_timeout:
+                    next_due = min(next_due, silent_since + self.consumer_timeout)
+                given_back, waiting = [], 0
+                for message in list(session.held.values()):
                     if message.deadline > now:
                         next_due = min(next_due, message.deadline)
-                        break
-                    expired.append(message)
-                for message in expired:
-                    del session.held[message.id]
-                self._requeue(expired, events, "not acked in time")
+                    elif message.consumer is None or message.push_lost or \
+                            session.progress > message.seq:
+                        del session.held[message.id]    # pulled, lost, or skipped: counted
+                        given_back.append(message)
+                    elif session.heard_at > message.handed_at:
+                        message.deadline = now + self.redelivery_interval   # slow: not there yet
+                        next_due = min(next_due, message.deadline)
+                    else:
+                        session.stalled = True
+                        waiting += self._unstick(session, message, now, events)
+                        next_due = min(next_due, message.deadline)
+                if waiting:
+                    events.append((logging.INFO, "Consumer %s stalled (silent for %.1f s): "
+                                   "%d overdue message(s) wait for it, not counted as failed "
+                                   "deliveries", (session.name, now - silent_since, waiting)))
+                self._requeue(given_back, events, "not acked in time")
             self._expire_acked(now)
             self._notify_writers()
         _log_events(events)
+        for hang_up in hang_ups:
+            if hang_up is not None:
+                hang_up()
         return next_due
 
     # -- durability -----------------------------------------------------------
@@ -558,17 +669,20 @@ class Broker:
                         self._bindings += self._exchanges[exchange].bind(key, self._queues[queue])
                 for message_id, (body, names) in state.live.items():
                     self._live[message_id] = len(names)
+                    self._digests[message_id] = envelope_digest(body)
                     self._live_bytes += len(body)
                     self._queued_bytes += len(body) * len(names)
                     for name in names:
                         queue = self._declare_queue(name)
-                        queue.ready.append(Message(message_id, body, queue))
-                self._restore_acked(state.acked)
+                        reason = state.reasons.get(message_id) \
+                            if queue.is_dead_letter_queue else None
+                        queue.ready.append(Message(message_id, body, queue, reason))
+                self._restore_acked(state.acked, state.acked_digests)
             finally:
                 self.journal = journal
             return len(state.live)
 
-    def _restore_acked(self, acked):
+    def _restore_acked(self, acked, digests):
         """Acked ids with wall-clock ack times back into the (monotonic) dedup window."""
         now, wall_now_ms = self.clock(), self.wall_clock() * 1000
         for message_id, wall_ms in sorted(acked.items(), key=lambda item: item[1]):
@@ -576,8 +690,11 @@ class Broker:
             if age < self.dedup_window and message_id not in self._acked_at:
                 self._acked_at[message_id] = now - age
                 self._acked_order.append(message_id)
+                digest = digests.get(message_id)
+                if digest is not None:
+                    self._digests.setdefault(message_id, digest)
         while len(self._acked_order) > self.dedup_max_ids:
-            del self._acked_at[self._acked_order.popleft()]
+            self._forget_id(self._acked_order.popleft())
 
     def snapshot_to_journal(self):
         """Journal compaction callback: hand the journal a snapshot and a cut, atomically."""
@@ -593,10 +710,14 @@ class Broker:
             for message in in_flight + [m for q in self._queues.values() for m in q.ready]:
                 entry = state.live.setdefault(message.id, (message.body, []))
                 entry[1].append(message.queue.name)
+                if message.reason is not None:
+                    state.reasons[message.id] = message.reason
             now, wall_now_ms = self.clock(), int(self.wall_clock() * 1000)
             for message_id in self._acked_order:
                 age_ms = int((now - self._acked_at[message_id]) * 1000)
                 state.acked[message_id] = wall_now_ms - age_ms
+                if message_id in self._digests:
+                    state.acked_digests[message_id] = self._digests[message_id]
             self.journal.cut(recovery.snapshot_records(state))
 
     # -- reading ------------------------------------------------------------
@@ -663,6 +784,52 @@ class Broker:
             raise BrokerError("unknown exchange '%s'" % name)
         return exchange
 
+    def _heard(self, session):
+        """The session spoke (ack, nack, reject, fetch, consume): it is not stalled."""
+        session.heard_at = self.clock()
+        session.stalled = False
+
+    def _close(self, session, events, reason):
+        """close_session()'s work; returns how many held messages went back."""
+        if session.closed:
+            return 0
+        session.closed = True
+        self._sessions.discard(session)
+        for consumer in session.consumers.values():
+            consumer.queue.consumers.remove(consumer)
+        held = list(session.held.values())
+        session.held.clear()
+        session.pushes = []
+        self._requeue(held, events, reason)
+        session.has_pushes.notify_all()
+        return len(held)
+
+    def _unstick(self, session, message, now, events):
+        """An overdue push to a stalled session: to another consumer, pushed once more, or wait.
+
+        None of these counts as a failed delivery: the consumer never said it
+        could not take the message.  Returns 1 if it waits, else 0.
+        """
+        consumer = message.consumer
+        other = next((c for c in message.queue.consumers
+                      if c.session is not session and not c.session.stalled and c.has_room()
+                      and message.id not in c.session.held), None)
+        if other is None and message.pushed_again:
+            message.deadline = now + self.redelivery_interval    # wait for it
+            return 1
+        del session.held[message.id]
+        self._release(message)
+        if other is not None:
+            events.append((logging.INFO, "Message %s moved from stalled consumer %s to %s",
+                           (message.id, session.name, other.session.name)))
+            self._hand_over(message, other.session, other)
+            return 0
+        message.pushed_again = True         # in case the push itself was lost (chaos)
+        first_handed_at = message.handed_at
+        self._hand_over(message, session, consumer)
+        message.handed_at = first_handed_at     # the consumer timeout runs from the first push
+        return 0
+
     def _dispatch(self, queue):
         """Hand ready messages to consumers with room, round robin."""
         consumers = queue.consumers
@@ -674,8 +841,8 @@ class Broker:
                 consumer = consumers[queue.next_consumer % count]
                 queue.next_consumer = (queue.next_consumer + 1) % count
                 held = consumer.session.held
-                if (consumer.has_room() and len(held) < self.max_unacked
-                        and message.id not in held):
+                if (consumer.has_room() and not consumer.session.stalled
+                        and len(held) < self.max_unacked and message.id not in held):
                     break
             else:
                 return              # nobody has room (or every session holds this id)
@@ -690,7 +857,11 @@ class Broker:
     def _hand_over(self, message, session, consumer):
         message.deliveries += 1
         message.consumer = consumer
-        message.deadline = self.clock() + self.redelivery_interval
+        message.handed_at = self.clock()
+        message.deadline = message.handed_at + self.redelivery_interval
+        self._handovers += 1
+        message.seq = self._handovers
+        message.push_lost = False
         session.held[message.id] = message
         message.queue.unacked += 1
         self.totals["delivered"] += 1
@@ -700,7 +871,7 @@ class Broker:
             consumer.in_flight += 1
             if not session.pushes:
                 self._new_pushes.append(session)
-            session.pushes.append((message.id, message.body, message.deliveries))
+            session.pushes.append((message.id, _delivered_body(message), message.deliveries))
 
     def _notify_writers(self):
         """Leave the pushes made by this call to their sessions' delivery threads."""
@@ -734,13 +905,12 @@ class Broker:
         requeued, dead_lettered = [], []
         for message in reversed(messages):
             self._release(message)
+            message.returns += 1
+            message.pushed_again = False
             queue = message.queue
-            if message.deliveries >= self.max_deliveries and not queue.is_dead_letter_queue:
-                dead = self._declare_queue(queue.name + DEAD_SUFFIX)
-                dead.ready.append(Message(message.id, message.body, dead))
-                self._record(recovery.dead_letter_record, message.id, queue.name, dead.name)
-                self.totals["dead_lettered"] += 1
-                dead_lettered.append((message.id, dead.name, message.deliveries))
+            if message.returns >= self.max_deliveries and not queue.is_dead_letter_queue:
+                dead = self._dead_letter(message, "given back %d times" % message.returns)
+                dead_lettered.append((message.id, dead.name, message.returns))
                 touched.append(dead)
             else:
                 queue.ready.appendleft(message)
@@ -751,18 +921,34 @@ class Broker:
             self._dispatch(queue)
         if dead_lettered:
             first = dead_lettered[-1]       # the oldest (the loop ran newest first)
-            events.append((logging.WARNING, "%d message(s) dead-lettered (first: %s to %s "
-                           "after %d deliveries)", (len(dead_lettered),) + first))
+            events.append((logging.WARNING, "%d message(s) dead-lettered (first: %s to %s, "
+                           "given back %d times)", (len(dead_lettered),) + first))
         if requeued:
             events.append((logging.INFO, "%d message(s) requeued for redelivery (%s; "
                            "first: %s to %s)", (len(requeued), reason) + requeued[-1]))
+
+    def _dead_letter(self, message, reason, events=None):
+        """Put a copy (already out of any session) in ``<queue>.dead``; returns that queue.
+
+        With ``events``, adds a log line for it; without, the caller summarises.
+        """
+        queue = message.queue
+        dead = self._declare_queue(queue.name + DEAD_SUFFIX)
+        dead.ready.append(Message(message.id, message.body, dead, reason))
+        self._record(recovery.dead_letter_record, message.id, queue.name, dead.name, reason)
+        self.totals["dead_lettered"] += 1
+        if events is not None:
+            events.append((logging.WARNING, "Message %s dead-lettered to %s (%s)",
+                           (message.id, dead.name, reason)))
+        return dead
 
     def _forget_copy(self, message, journal=True):
         """One copy acked (or purged); when none is left the id enters the dedup window."""
         message_id = message.id
         if journal and self.journal is not None:
             self.journal.append(recovery.ack_record(message_id, message.queue.name,
-                                                    int(self.wall_clock() * 1000)))
+                                                    int(self.wall_clock() * 1000),
+                                                    self._digests.get(message_id)))
         self._queued_bytes -= len(message.body)
         left = self._live[message_id] - 1
         if left:
@@ -774,13 +960,32 @@ class Broker:
             self._acked_at[message_id] = self.clock()
             self._acked_order.append(message_id)
             if len(self._acked_order) > self.dedup_max_ids:
-                del self._acked_at[self._acked_order.popleft()]
+                self._forget_id(self._acked_order.popleft())
 
     def _expire_acked(self, now):
         order, acked_at = self._acked_order, self._acked_at
         cutoff = now - self.dedup_window
         while order and acked_at[order[0]] <= cutoff:
-            del acked_at[order.popleft()]
+            self._forget_id(order.popleft())
+
+    def _forget_id(self, message_id):
+        """An id leaves the dedup window (its digest too, unless it is live again)."""
+        del self._acked_at[message_id]
+        if message_id not in self._live:
+            self._digests.pop(message_id, None)
+
+
+def envelope_digest(body):
+    """What an id is bound to: 16 bytes of BLAKE2b over the envelope bytes."""
+    return hashlib.blake2b(body, digest_size=16).digest()
+
+
+def _delivered_body(message):
+    """The envelope as delivered: a dead-lettered copy carries ``"dead_reason"``."""
+    if message.reason is None:
+        return message.body
+    return b"%s, \"dead_reason\": %s}" % (message.body[:-1],
+                                           json.dumps(message.reason).encode("ascii"))
 
 
 def _log_events(events):

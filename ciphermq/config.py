@@ -17,6 +17,7 @@ class ServerConfig:
     port: int = 5672                     # the document's port
     redelivery_interval: float = 30.0    # unacked deliveries come back after this
     max_deliveries: int = 10             # then the message goes to <queue>.dead
+    consumer_timeout: float = 300.0      # drop a consumer silent this long with messages (0: never)
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     max_connections: int = 2048
     max_queue_length: int = 1_000_000    # ready + unacked, per queue

@@ -71,7 +71,8 @@ class Connection(socketserver.BaseRequestHandler):
         self.transport = None
         #: Who this is; None until authenticated when the broker has --users.
         self.principal = ANONYMOUS if self.server.users is None else None
-        self.session = self.broker.open_session(self.peer, write_pushes=self.write_pushes)
+        self.session = self.broker.open_session(self.peer, write_pushes=self.write_pushes,
+                                                hang_up=self.close)
         self._replies = []          # replies to the commands of the current read
         self._group_kind = None     # "publish" or "ack": the kind waiting in _group
         self._group = []            # (parsed command, its slot in _replies)
@@ -337,8 +338,12 @@ class Connection(socketserver.BaseRequestHandler):
     def _push_lines(self, batch):
         """The ``Message:`` lines for a batch of deliveries (chaos may lose some)."""
         if self.chaos:
-            batch = [delivery for delivery in batch if not self.chaos.strikes(
+            kept = [delivery for delivery in batch if not self.chaos.strikes(
                 "drop-delivery", "losing the push of message %s" % delivery[0])]
+            if len(kept) < len(batch):      # send_lock -> broker.mutex: the documented order
+                lost = {delivery[0] for delivery in batch} - {d[0] for d in kept}
+                self.broker.lose_pushes(self.session, lost)
+            batch = kept
         message_line = protocol.message_line
         return b"".join([message_line(*delivery) for delivery in batch])
 
@@ -461,6 +466,12 @@ class Connection(socketserver.BaseRequestHandler):
         self.broker.nack(self.session, message_id)
         self._replies.append(protocol.nack_confirmed_reply(message_id))
 
+    def do_reject(self, args):
+        message_id, reason = protocol.parse_reject(args)
+        self.broker.reject(self.session, message_id, reason)
+        self._must_sync = True      # the move to <queue>.dead is journaled
+        self._replies.append(protocol.reject_confirmed_reply(message_id))
+
     def do_stats(self, args):
         words = protocol.split_args(args, "stats [queue]", 0, 1)
         queue = protocol.parse_name(words[0], "queue") if words else None
@@ -507,6 +518,7 @@ class Connection(socketserver.BaseRequestHandler):
         "fetch": do_fetch,
         "ack": do_ack,
         "nack": do_nack,
+        "reject": do_reject,
         "stats": do_stats,
         "ping": do_ping,
         "purge": do_purge,

@@ -128,6 +128,15 @@ class CorruptFile(CipherMQError):
     nothing is cut off and the owner refuses to go on (the file needs a human)."""
 
 
+class OutputWriteFailed(CipherMQError):
+    """The receiver could not write or fsync its output (or rejects) file: full disk, I/O
+    error.  What that write covered was not acked; the receiver stops."""
+
+    def __init__(self, path, cause):
+        self.path, self.cause = path, cause
+        super().__init__("cannot write %s: %s" % (path, describe_os_error(cause)))
+
+
 class CheckError(CipherMQError):
     """An input the checker cannot use: unreadable, corrupt, or missing its records."""
 

@@ -196,6 +196,22 @@ def parse_publish(args, limits=None):
     return exchange, routing_key, message_id, body
 
 
+#: The longest reason a ``reject`` may give (printable ASCII; longer is cut).
+MAX_REJECT_REASON = 200
+
+
+def parse_reject(args):
+    """Parse ``<message_id> [reason]``; return (message_id, reason as printable ASCII)."""
+    parts = args.split(None, 1)
+    if not parts:
+        raise ProtocolError("usage: reject <message_id> [reason]")
+    message_id = parse_name(parts[0], "message id")
+    raw = parts[1].strip() if len(parts) > 1 else b""
+    reason = " ".join(raw.decode("ascii", "replace").replace("\ufffd", "?").split())
+    reason = "".join(ch if ch.isprintable() else "?" for ch in reason)[:MAX_REJECT_REASON]
+    return message_id, reason or "no reason given"
+
+
 def quote(raw, limit=40):
     """A short, printable rendering of untrusted bytes for an error message."""
     text = raw[:limit].decode("utf-8", "replace")
@@ -224,6 +240,10 @@ def ack_confirmed_reply(message_id):
 
 def nack_confirmed_reply(message_id):
     return b"NACK_CONFIRMED %s\n" % message_id.encode("ascii")
+
+
+def reject_confirmed_reply(message_id):
+    return b"REJECT_CONFIRMED %s\n" % message_id.encode("ascii")
 
 
 def error_reply(text):

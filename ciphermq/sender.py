@@ -31,6 +31,9 @@ from .errors import ConnectionLost, Nacked, ServerError
 from .outbox import record
 from .store import JsonLinesFile
 
+#: The broker's refusal of a known message_id with a different envelope (never worth a retry).
+REUSED_ID = "already used for different content"
+
 ATTEMPTS = 3                # per message, and per reconnection, as the document says
 #: After RabbitMQ nacks a publish, wait this long before reconnecting to send it again.
 #: A nack is not the message's fault (a quorum queue electing a leader nacks a burst of
@@ -252,6 +255,8 @@ class Sender:
         except ServerError as exc:              # refused (queue full, unroutable...)
             self.in_flight.popleft()
             self.report.refused(pending, exc)
+            if REUSED_ID in str(exc):           # final: sending it again cannot help
+                pending.failures = ATTEMPTS - 1
             self._retry(pending, front=False, failed=True)  # after the others: give it time
             return
         except TimeoutError:

@@ -121,6 +121,7 @@ class BrokerServer(socketserver.ThreadingTCPServer):
         return Broker(
             redelivery_interval=config.redelivery_interval,
             max_deliveries=config.max_deliveries,
+            consumer_timeout=config.consumer_timeout,
             max_queue_length=config.max_queue_length,
             max_queues=config.max_queues,
             max_exchanges=config.max_exchanges,
@@ -248,7 +249,11 @@ def build_parser():
     add("--redelivery-interval", type=float, default=defaults.redelivery_interval,
         metavar="SECONDS", help="redeliver unacked messages after this (default %(default)s)")
     add("--max-deliveries", type=int, default=defaults.max_deliveries,
-        help="deliveries before a message goes to <queue>.dead (default %(default)s)")
+        help="times a message may be given back (nack, disconnect, timeout) before it goes "
+             "to <queue>.dead (default %(default)s)")
+    add("--consumer-timeout", type=float, default=defaults.consumer_timeout, metavar="SECONDS",
+        help="disconnect a consumer that holds messages and acks nothing for this long, "
+             "and requeue them; 0 = never (default %(default)s)")
     add("--max-line-bytes", type=int, default=defaults.max_line_bytes,
         help="longest command line accepted (default %(default)s)")
     add("--max-connections", type=int, default=defaults.max_connections,

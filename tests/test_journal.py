@@ -208,7 +208,8 @@ def test_compaction_shrinks_the_journal_and_loses_nothing(durable_server, tmp_pa
     client = Wire(again.address)
     try:
         assert stats(client)["queues"]["default_queue"]["ready"] == 5
-        assert client.call(publish_line("c-0-0").strip()) == "ACK c-0-0"
+        same = publish_line("c-0-0", ciphertext="x" * 300)   # the same bytes: a duplicate
+        assert client.call(same.strip()) == "ACK c-0-0"
         assert stats(client)["totals"]["duplicates"] == 1, "dedup window survives compaction"
     finally:
         client.close()
