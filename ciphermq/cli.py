@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 from .client import check_auth
+from .config import port_number
 from .errors import UsageError
 from .transport import client_tls_context
 
@@ -30,9 +31,10 @@ def require_pycryptodome(script):
     try:
         from Crypto.Signature import eddsa  # noqa: F401  (pycryptodome's, not PyCrypto's)
     except ImportError:
-        sys.exit("❌ %s needs pycryptodome, which %s cannot import: run `make install`, then "
-                 "`.venv/bin/python bin/%s` (or activate .venv first)"
-                 % (script, sys.executable, script))
+        print("❌ %s needs pycryptodome, which %s cannot import: run `make install`, then "
+              "`.venv/bin/python bin/%s` (or activate .venv first)"
+              % (script, sys.executable, script), file=sys.stderr)
+        sys.exit(2)
 
 
 def default_key(name):
@@ -45,14 +47,6 @@ def key_error(exc, option):
     if isinstance(exc.__cause__, FileNotFoundError) or "No such file" in str(exc):
         return "%s: %s" % (exc, MAKE_KEYS_HINT % option)
     return str(exc)
-
-
-def port_number(text):
-    """argparse type: a TCP port, 0 to 65535."""
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError("must be from 0 to 65535")
-    return value
 
 
 def add_connection_arguments(parser, *, default_port=5672):

@@ -38,6 +38,7 @@ from . import client
 from .cli import positive_int
 from .errors import ConnectionLost, ServerError
 from .outbox import record
+from .protocol import DEFAULT_MAX_LINE_BYTES    # the broker's --max-line-bytes default
 from .store import JsonLinesFile
 
 ATTEMPTS = 3                # per message, and per reconnection, as the document says
@@ -47,7 +48,6 @@ ACCEPT_CHUNK = 1000         # new messages sealed and made durable per outbox fs
 #: Refusals the broker lifts by itself (a queue drains, a disk is freed): retried, kept.
 TEMPORARY_REFUSALS = ("is full", "journal write failed")
 DEFAULT_REJECTS = "rejected_messages.json"
-DEFAULT_MAX_LINE_BYTES = 4 * 1024 * 1024    # the broker's --max-line-bytes default
 
 
 def add_arguments(parser):

@@ -34,7 +34,7 @@ from . import __version__, recovery
 from .access import Users
 from .broker import Broker
 from .chaos import Chaos, ChaosSpecError
-from .config import ServerConfig
+from .config import ServerConfig, port_number
 from .connection import Connection
 from .dashboard import Dashboard
 from .envelope import EnvelopeLimits
@@ -238,7 +238,7 @@ def build_parser():
                     "and keeps every message until a receiver acknowledges it.")
     add = parser.add_argument
     add("--host", default=defaults.host, help="address to listen on (default %(default)s)")
-    add("--port", type=int, default=defaults.port,
+    add("--port", type=port_number, default=defaults.port,
         help="port to listen on; 0 = any free port, logged at start (default %(default)s)")
     add("--redelivery-interval", type=float, default=defaults.redelivery_interval,
         metavar="SECONDS", help="redeliver unacked messages after this (default %(default)s)")
@@ -292,7 +292,7 @@ def build_parser():
              "drop-delivery=0.02,disconnect=0.01,delay-ms=0-20 (default: off)")
     add("--chaos-seed", type=int, default=None, metavar="N",
         help="seed for --chaos, so a run can be repeated")
-    add("--http-port", type=int, default=None, metavar="PORT",
+    add("--http-port", type=port_number, default=None, metavar="PORT",
         help="serve a read-only dashboard, /api/stats and Prometheus /metrics on this port "
              "of --host; 0 = any free port, logged at start (default: off)")
     add("--log-level", default="INFO",
