@@ -67,7 +67,7 @@ class Connection(socketserver.BaseRequestHandler):
         #: that is made); may be held while taking broker.mutex, never the reverse.
         self.send_lock = None
         self.thread = threading.current_thread()
-        self.chaos = self.server.chaos  # None unless --chaos: see ciphermq/chaos.py
+        self.chaos = self.server.connection_chaos(self.request)   # None unless --chaos
         self.transport = None
         #: Who this is; None until authenticated when the broker has --users.
         self.principal = ANONYMOUS if self.server.users is None else None
