@@ -57,7 +57,8 @@ def test_port_in_use_is_a_clear_error(broker_process):
 
 
 def test_the_documents_original_clients_work_untouched(broker_process):
-    """Wire compatibility: the seed's Sender/Receiver exchange, byte for byte as they did it."""
+    """Wire compatibility for one message: the original Sender's publish and its one recv for
+    the ACK; the receiving side in full is in tests/test_legacy_clients.py."""
     broker = broker_process()
     address = ("127.0.0.1", broker.port)
     # The original Sender: one connection per message, send, one recv(1024), close.
