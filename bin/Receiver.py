@@ -27,7 +27,8 @@ if _REPO_ROOT not in sys.path:
 from ciphermq import cli  # noqa: E402  (needs the path above)
 
 cli.require_pycryptodome("Receiver.py")     # else one line saying what to run, no traceback
-from ciphermq import crypto, receiver as receiving  # noqa: E402
+from ciphermq import crypto  # noqa: E402
+from ciphermq import receiver as receiving  # noqa: E402
 from ciphermq.errors import CorruptFile, DecryptionError, ServerError, UsageError  # noqa: E402
 from ciphermq.receiver import CrashHook, Receiver, open_store  # noqa: E402
 

@@ -28,7 +28,8 @@ if _REPO_ROOT not in sys.path:
 from ciphermq import cli  # noqa: E402  (needs the path above)
 
 cli.require_pycryptodome("Sender.py")   # else one line saying what to run, not a traceback
-from ciphermq import crypto, protocol, sender as delivery  # noqa: E402
+from ciphermq import crypto, protocol  # noqa: E402
+from ciphermq import sender as delivery  # noqa: E402
 from ciphermq.errors import CorruptFile, ProtocolError, ServerError, UsageError  # noqa: E402
 from ciphermq.outbox import Outbox  # noqa: E402
 from ciphermq.sender import Record, Rejects, Sender  # noqa: E402

@@ -16,7 +16,6 @@ from .config import port_number
 from .errors import UsageError
 from .transport import client_tls_context
 
-
 #: The checkout the scripts run from: default key paths are resolved against it, so the
 #: scripts find ``make keys``'s files from any working directory.
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -31,14 +31,13 @@ import itertools
 import json
 import math
 import time
-
 from pathlib import Path
 
 from . import client
 from .cli import positive_int
 from .errors import ConnectionLost, ServerError
 from .outbox import record
-from .protocol import DEFAULT_MAX_LINE_BYTES    # the broker's --max-line-bytes default
+from .protocol import DEFAULT_MAX_LINE_BYTES  # the broker's --max-line-bytes default
 from .store import JsonLinesFile
 
 ATTEMPTS = 3                # per message, and per reconnection, as the document says

@@ -11,15 +11,15 @@ what these tests show.
 import base64
 import json
 import queue
+import re
 import socket
 import threading
+from pathlib import Path
 
 from conftest import WAIT, FakeClock, publish_line
 from Crypto.Cipher import AES, PKCS1_OAEP
 from Crypto.PublicKey import RSA
 from scripts import run_sender
-
-from ciphermq import protocol
 
 #: The broker's --redelivery-interval in these tests; the fake clock jumps past it.
 INTERVAL = 30.0
@@ -183,8 +183,6 @@ def test_a_v1_envelope_opens_the_way_the_original_receiver_opens_it(server, keys
 def test_protocol_md_says_what_these_tests_show():
     """PROTOCOL.md's section on the original clients names every test of this file, each of
     which exists, and no longer claims they "work unchanged"."""
-    import re
-    from pathlib import Path
     text = (Path(__file__).resolve().parent.parent / "docs" / "PROTOCOL.md").read_text()
     assert "work unchanged" not in text
     section = text[text.index("## The document's original clients"):]

@@ -4,8 +4,8 @@ import threading
 
 import pytest
 
-from ciphermq.outbox import Outbox, record
 from ciphermq import sender as sending
+from ciphermq.outbox import Outbox, record
 from ciphermq.sender import Record
 from ciphermq.store import CorruptFile
 
