@@ -242,7 +242,7 @@ class Client:
         """
         commands = []
         for exchange, routing_key, envelope in messages:
-            message_id, body = _envelope_bytes(envelope)
+            message_id, body = envelope_bytes(envelope)
             line = b"publish %s %s %s\n" % (_name(exchange, "exchange"),
                                             _routing_key(routing_key), body)
             commands.append((line, Reply("publish %s" % message_id,
@@ -487,7 +487,7 @@ def _routing_key(text):
     return raw
 
 
-def _envelope_bytes(envelope):
+def envelope_bytes(envelope):
     """``(message_id, JSON bytes)`` for an envelope given as a dict or as JSON text."""
     if isinstance(envelope, dict):
         body = json.dumps(envelope, separators=(",", ":")).encode("utf-8")
@@ -495,7 +495,7 @@ def _envelope_bytes(envelope):
         body = envelope.encode("utf-8") if isinstance(envelope, str) else bytes(envelope)
         envelope = json.loads(body)
     message_id = envelope.get("message_id") if isinstance(envelope, dict) else None
-    if not isinstance(message_id, str):
+    if not isinstance(message_id, str) or not message_id:
         raise ValueError("an envelope must be a JSON object with a string message_id")
     _name(message_id, "message id")
     if b"\n" in body:
