@@ -18,7 +18,7 @@ for path in (str(HERE.parent), str(HERE)):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-from lessons import basics, crashes, faults, security  # noqa: E402  (needs the path above)
+from lessons import basics, crashes, faults, framing, security  # noqa: E402  (needs the path above)
 from lessons.stage import LessonFailed, Stage  # noqa: E402
 
 #: Lesson number -> its function; the function's docstring is its title.
@@ -33,7 +33,8 @@ LESSONS = {
     8: faults.chaos,
     9: faults.tamper_and_replay,
     10: faults.dead_letters,
-    11: security.tls_and_users,
+    11: framing.framing,
+    12: security.tls_and_users,
 }
 
 

@@ -1,6 +1,6 @@
 """A stand-in for the design document's original Receiver's reader: one ``recv`` = one line.
 
-Kept for teaching (tutorial lesson 12, bin/lessons/framing.py) and for the
+Kept for teaching (tutorial lesson 11, bin/lessons/framing.py) and for the
 tests that show what the original clients can and cannot do with our broker
 (tests/test_legacy_clients.py, docs/PROTOCOL.md "The document's original
 clients").  It is written for those, not copied from the original, and reads

@@ -2,7 +2,7 @@
 
 The original Receiver reads with one ``recv(1024)`` per line.
 ``ciphermq/legacy_reader.py`` holds a stand-in (not the original's code, and
-shared with tutorial lesson 12) that reads exactly that way: one
+shared with tutorial lesson 11) that reads exactly that way: one
 ``recv(1024)`` is one line; a read that ``startswith("Message:")`` is
 ``split(" ", 2)`` and ``json.loads``-ed, then acked with one ``recv(1024)``
 for the reply.  Whatever else shares a read is lost to it.  docs/PROTOCOL.md

@@ -66,6 +66,11 @@ class Process:
         self.proc.kill()
         self.proc.wait(PATIENCE)
 
+    def stop(self):
+        """SIGTERM, the polite stop (a broker shuts down in order); wait for it to end."""
+        self.proc.terminate()
+        self.wait()
+
     def wait(self, timeout=PATIENCE):
         code = self.proc.wait(timeout)
         self._reader.join(timeout)
