@@ -85,11 +85,15 @@ def run_lesson(command, cwd, **env):
 @pytest.mark.parametrize("number, command, see, references", LESSONS)
 def test_the_lesson_runs_and_proves_its_point(number, command, see, references, tmp_path):
     """The lesson's command exits 0, prints the line the tutorial promises and no failure
-    line, and leaves nothing in the directory it was run from.  A lesson that needs what is
-    not installed here (RabbitMQ for lesson 13) is skipped with its reason, and fails under
+    line, and leaves nothing behind: nothing in the directory it was run from, its temporary
+    directory removed, no process it started still running.  A lesson that needs what is not
+    installed here (RabbitMQ for lesson 13) is skipped with its reason, and fails under
     CI=true, where .ci/run installs everything."""
     pattern = re.compile(re.escape(see).replace("…", ".+"))
-    done = run_lesson(command, tmp_path)
+    cwd, temporary = tmp_path / "cwd", tmp_path / "tmp"
+    cwd.mkdir()
+    temporary.mkdir()
+    done = run_lesson(command, cwd, TMPDIR=str(temporary))
     output = done.stdout + done.stderr
     if done.returncode == NEEDS:
         if os.environ.get("CI", "").lower() == "true":
@@ -99,7 +103,25 @@ def test_the_lesson_runs_and_proves_its_point(number, command, see, references, 
     assert done.returncode == 0, output
     assert any(pattern.fullmatch(line) for line in done.stdout.splitlines()), output
     assert "❌ [LESSON" not in output and "Traceback" not in output, output
-    assert list(tmp_path.iterdir()) == [], "the lesson wrote into the directory it ran from"
+    assert list(cwd.iterdir()) == [], "the lesson wrote into the directory it ran from"
+    assert list(temporary.iterdir()) == [], "the lesson left its temporary directory behind"
+    assert running_in(temporary) == [], "the lesson left processes running"
+
+
+def running_in(directory):
+    """``[(pid, command line)]`` of the processes whose working directory is under
+    ``directory`` (every process a lesson starts runs in its temporary directory)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cwd = os.readlink("/proc/%s/cwd" % pid)
+            with open("/proc/%s/cmdline" % pid, "rb") as cmdline:
+                command = cmdline.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:             # gone, a zombie, or not ours to look at
+            continue
+        if cwd.startswith(str(directory)):
+            found.append((int(pid), command))
+    return found
 
 
 def test_a_lesson_without_rabbitmq_says_in_one_line_what_to_install(tmp_path):
