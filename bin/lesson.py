@@ -19,7 +19,8 @@ for path in (str(HERE.parent), str(HERE)):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-from lessons import basics, crashes, faults, framing, scaling, security  # noqa: E402  (needs the path above)
+# These need the path above.
+from lessons import basics, crashes, faults, framing, scaling, security  # noqa: E402
 from lessons.stage import LessonFailed, LessonNeeds, Stage  # noqa: E402
 
 #: Lesson number -> its function; the function's docstring is its title.
