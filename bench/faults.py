@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 # The scenarios and their helpers live in tests/.  It goes first on the path: bench/ has a
 # processes.py of its own, and the scenarios need tests/processes.py (BrokerProcess).
 sys.path.insert(0, str(REPO / "tests"))
+import broker_faults  # noqa: E402
 import consumer_faults  # noqa: E402
 import test_faults as matrix  # noqa: E402
 from Crypto.PublicKey import RSA  # noqa: E402
@@ -73,6 +74,10 @@ class Row:
             return "❌ " + "; ".join(tally.report()[-2:])
         if tally.ok and tally.acked == tally.attempted:
             return "✅ exactly once"
+        if (self.result.destroyed and not self.result.lost and not tally.duplicated
+                and not tally.dropped and tally.acked == tally.attempted):
+            return "✅ exactly once, but for the %d message(s) in the damaged record" \
+                % len(self.result.destroyed)
         return "❌ " + "; ".join(line for line in tally.report() if line.startswith("❌"))
 
     @property
@@ -98,6 +103,12 @@ ROWS = [
         consumer_faults.stale_backlog, expect_rejects=True),
     Row("9", "Receiver's disk full mid-stream (8 MiB tmpfs), then space again",
         consumer_faults.receiver_disk_full),
+    Row("10", "Reused ids: a second sender publishes ACKed ids with other envelopes",
+        broker_faults.reused_ids),
+    Row("11", "Journal damage: broker SIGKILLed, a byte flipped mid-journal, --repair",
+        broker_faults.journal_damage),
+    Row("12", "Broker's journal disk full mid-stream (64 MiB tmpfs), then space again",
+        broker_faults.journal_disk_full),
 ]
 
 
@@ -135,9 +146,12 @@ def table(rows):
                          % (row.number, row.title, row.verdict()))
             continue
         c = row.result.tally.counts()
-        lines.append("| %s | %s | %s | %s | %s | %s | **%s** | **%s** | %s | %s | %s | %.0f | %s |"
+        lost = "**%s**" % _n(len(row.result.lost))
+        if row.result.destroyed:        # on its own, beside the lost: never hidden in them
+            lost += " + %d destroyed in the damaged record" % len(row.result.destroyed)
+        lines.append("| %s | %s | %s | %s | %s | %s | %s | **%s** | %s | %s | %s | %.0f | %s |"
                      % (row.number, row.title, _n(c["attempted"]), _n(c["acked"]),
-                        _n(c["stored"]), _n(c["rejected"]), _n(c["lost"]),
+                        _n(c["stored"]), _n(c["rejected"]), lost,
                         _n(c["duplicated"]), _n(c["never_acked"]), _faults(row.result),
                         "; ".join(_notes(row.result)) or "—",
                         row.result.seconds, row.verdict()))
