@@ -3,19 +3,26 @@
     .venv/bin/python bench/faults.py [--messages N] [--only 1,4] [--seed S] [--keys DIR]
                                      [--out docs/RELIABILITY.md]
 
-The scenarios are the functions of ``tests/test_faults.py`` -- the same code CI
-runs at a few hundred messages -- here at full size: 10,000 messages each, 25
-receiver deaths (5 at the exact windows, 20 random SIGKILLs), 10 sender
-SIGKILLs, chaos at the rates of the issue, 10 broker SIGKILLs with a journal,
-20 network faults, and the memory-only broker killed 10 times as the negative
-control.  Real processes, real 2048-bit keys (``make keys``), real fsyncs.
+The scenarios are the functions of ``tests/test_faults.py`` (rows 1-6),
+``tests/consumer_faults.py`` (7-9) and ``tests/broker_faults.py`` (10-12) --
+the same code CI runs at a thousand messages -- here at full size: 10,000
+messages each, 25 receiver deaths (5 at the exact windows, 20 random
+SIGKILLs), 10 sender SIGKILLs, chaos at the rates of the issue, 10 broker
+SIGKILLs with a journal, 20 network faults, the memory-only broker killed 10
+times as the negative control; then issue 10's faults: a hung receiver, a
+stale backlog, the receiver's disk full, reused ids with other content, a
+flipped byte mid-journal, the broker's journal disk full.  Real processes,
+real 2048-bit keys (``make keys``), real fsyncs; rows 9 and 12 mount a tmpfs
+(root).
 
 Each row is judged by ``ciphermq.checker`` from the files the scripts left.
 The table is printed, and with ``--out`` written into that file between the
 markers ``<!-- faults:begin -->`` and ``<!-- faults:end -->`` (the rest of
 the file is people's prose, left alone).  Exit status 0 when every scenario
 lost and duplicated nothing and the negative control saw its loss; 1
-otherwise (the failed rows say why).
+otherwise (the failed rows say why).  Row 11's damaged journal record may hold
+the one message the damage itself destroyed: it is shown beside the lost
+count ("+ 1 destroyed in the damaged record"), never counted in it nor hidden.
 """
 import argparse
 import datetime

@@ -84,8 +84,8 @@ def reused_ids(run, scale):
     impostors = [entry["message_id"] for entry in stored
                  if entry["message"].startswith("impostor")]
     assert not impostors, "impostor texts stored: %s" % impostors[:5]
-    run.notes.append("%d impostors refused (`Error: message_id <id> %s`), 0 ACKed, "
-                     "0 stored" % (len(refused), REUSED_ID))
+    run.notes.append("{:,} impostors refused (`Error: message_id <id> {}`), 0 ACKed, "
+                     "0 stored".format(len(refused), REUSED_ID))
 
 
 # -- row 11: a flipped byte in the middle of the journal ---------------------------------
@@ -179,6 +179,6 @@ def journal_disk_full(run, scale):
     run.await_receiver(receiver)
     assert broker.proc.poll() is None, "the broker exited:\n%s" % broker.log
     assert "Traceback" not in broker.log, broker.log
-    run.notes.append("%d publishes refused with `Error: journal write failed`, and %d "
+    run.notes.append("{:,} publishes refused with `Error: journal write failed`, and {:,} "
                      "messages delivered, while the disk was full"
-                     % (lines_with(run.sender_logs, JOURNAL_FAILED), drained))
+                     .format(lines_with(run.sender_logs, JOURNAL_FAILED), drained))
