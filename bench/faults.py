@@ -72,6 +72,8 @@ class Row:
             return "❌ " + self.error
         tally = self.result.tally
         if self.expect_loss:
+            if not sum(self.result.faults.values()):
+                return "❌ the negative control injected no fault: its loss proves nothing"
             if tally.lost and not tally.duplicated:
                 return "✅ loss seen, as documented"
             return "❌ the negative control saw no loss"

@@ -325,9 +325,13 @@ def broker_kills(run, scale, durable=True):
     port = broker.port
     # Memory-only, the receiver cannot wait for all the messages: some are gone for good.
     until = ("--max-messages", str(scale.messages)) if durable else ("--idle-exit", "5")
+    sender = run.start_sender(port, "--window", "32", "--heartbeat", "1")
+    # Only once publishing has begun: sealing 10,000 messages into the outbox can outlast
+    # --idle-exit, and a receiver that left before the first message would make the
+    # negative control's loss one no kill caused.
+    sender.wait_for(ACK_LINE, timeout=scale.patience)
     # Batches of 20: the kills, anchored on stored lines, can land between any two of them.
     receiver = run.start_receiver(port, "-v", "--ack-batch", "20", "--heartbeat", "1", *until)
-    sender = run.start_sender(port, "--window", "32", "--heartbeat", "1")
     for kill in range(scale.broker_kills):
         receiver.discard_unread()       # anchor on what is stored from now on
         nth = run.rng.randint(1, _budget(scale.messages - run.stored(),
