@@ -161,7 +161,7 @@ def table(rows):
         lines.append("| %s | %s | %s | %s | %s | %s | %s | **%s** | %s | %s | %s | %.0f | %s |"
                      % (row.number, row.title, _n(c["attempted"]), _n(c["acked"]),
                         _n(c["stored"]), _n(c["rejected"]), lost,
-                        _n(c["duplicated"]), _n(c["never_acked"]), _faults(row.result),
+                        _n(c["duplicated"]), _n(c["never_acked"]), _faults(row.result) or "—",
                         "; ".join(_notes(row.result)) or "—",
                         row.result.seconds, row.verdict()))
     return "\n".join(lines)

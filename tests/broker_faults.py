@@ -114,9 +114,12 @@ def journal_damage(run, scale):
     data_dir = run.workdir / "data"
     broker = run.start_broker("--data-dir", str(data_dir))
     port = broker.port
-    receiver = run.start_receiver(port, "-v", "--ack-batch", "20", "--heartbeat", "1")
     sender = run.start_sender(port, "--window", "32", "--heartbeat", "1")
-    receiver.wait_for(STORED_LINE, timeout=scale.patience, count=max(1, scale.messages // 3))
+    # A backlog first, so that records after the damaged one hold messages not yet
+    # delivered: a repair that kept only what comes before the damage would lose them.
+    sender.wait_for(ACK_LINE, timeout=scale.patience, count=max(1, scale.messages // 2))
+    receiver = run.start_receiver(port, "-v", "--ack-batch", "20", "--heartbeat", "1")
+    receiver.wait_for(STORED_LINE, timeout=scale.patience, count=max(1, scale.messages // 10))
     run.kill_soon(broker, "broker SIGKILLs")
     journal = data_dir / JOURNAL_NAME
     start, length, damaged = middle_publish(journal)
