@@ -116,7 +116,7 @@ ROWS = [
         broker_faults.reused_ids),
     Row("11", "Journal damage: broker SIGKILLed, a byte flipped mid-journal, --repair",
         broker_faults.journal_damage),
-    Row("12", "Broker's journal disk full mid-stream (64 MiB tmpfs), then space again",
+    Row("12", "Broker's journal fills its disk mid-stream (32 MiB tmpfs), then space again",
         broker_faults.journal_disk_full),
 ]
 

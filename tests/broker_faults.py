@@ -21,7 +21,7 @@ from ciphermq.outbox import Outbox, record
 from ciphermq.sender import REUSED_ID
 
 ACK_LINE = "✅ [SENDER] Server ACK received"
-REFUSED_LINE = "⚠️ [SENDER] Broker refused message"
+REJECTED_LINE = "🚫 [SENDER] Message"
 JOURNAL_FAILED = "journal write failed"
 
 
@@ -63,20 +63,24 @@ def reused_ids(run, scale):
         outbox.add([record(dict(sealer.seal("impostor %d" % i), message_id=message_id),
                            "default_exchange", "default_key")
                     for i, message_id in enumerate(taken)])
+    impostor_rejects = run.workdir / "impostor_rejects.json"
     impostor = run._spawn(sender_args(broker.port, run.keys, impostor_outbox,
                                       "--file", os.devnull, "-v",
-                                      "--record", str(impostor_record)),
+                                      "--record", str(impostor_record),
+                                      "--rejects", str(impostor_rejects)),
                           run.workdir / "impostor.log")
     code = impostor.wait(scale.patience)
-    # Refused for good, the impostors stay in their own outbox: the Sender's exit status 1,
-    # "kept for the next run" (which would be refused again).
+    # Refused for good: each goes to the impostor's rejects file with the broker's reason,
+    # and the Sender exits 1 ("refused by the broker for good").
     assert code == 1, "the impostor sender: %s\n%s%s" % (code, impostor.stdout, impostor.stderr)
-    refused = events(impostor_record, "refused")
+    refused = events(impostor_record, "rejected")
     assert sorted(refused) == sorted(taken), "not every impostor was refused exactly once"
     assert not events(impostor_record, "acked"), "an impostor was ACKed"
-    reasons = [line for line in impostor.lines if line.startswith(REFUSED_LINE)]
+    reasons = [line for line in impostor.lines if line.startswith(REJECTED_LINE)]
     assert len(reasons) == len(taken) and all(REUSED_ID in line for line in reasons), \
         reasons[:3]
+    kept = [json.loads(line)["message_id"] for line in impostor_rejects.read_bytes().splitlines()]
+    assert sorted(kept) == sorted(taken), "the impostor's rejects file misses some"
     run.faults["impostor publishes"] += len(taken)
     run.finish_sending(sender, broker.port, "--window", "64")
     run.await_receiver(receiver)
@@ -84,8 +88,9 @@ def reused_ids(run, scale):
     impostors = [entry["message_id"] for entry in stored
                  if entry["message"].startswith("impostor")]
     assert not impostors, "impostor texts stored: %s" % impostors[:5]
-    run.notes.append("{:,} impostors refused (`Error: message_id <id> {}`), 0 ACKed, "
-                     "0 stored".format(len(refused), REUSED_ID))
+    run.notes.append("{:,} impostors refused for good (`Error: message_id <id> {}`, in "
+                     "the impostor's rejects file), 0 ACKed, 0 stored"
+                     .format(len(refused), REUSED_ID))
 
 
 # -- row 11: a flipped byte in the middle of the journal ---------------------------------
@@ -156,20 +161,31 @@ def journal_damage(run, scale):
 
 # -- row 12: the journal's disk fills up ---------------------------------------------------
 
+def leave_room(disk, room):
+    """Fill ``disk`` with a ballast file but for about ``room`` bytes; return its path."""
+    ballast = fill(disk)
+    size = ballast.stat().st_size
+    os.truncate(ballast, max(0, size - room))
+    return ballast
+
+
 def journal_disk_full(run, scale):
-    """The broker's --data-dir is on a small tmpfs that a ballast file fills mid-stream:
+    """The broker's --data-dir is on a small tmpfs where a ballast file leaves room for
+    the journal of about a third of the messages: once the journal has filled it,
     publishes are refused with ``Error: journal write failed``, the receiver keeps
     draining, the sender keeps its messages in its outbox; once the ballast is deleted the
     broker resumes by itself and the sender delivers them."""
-    disk = mount_small_disk(run, size="64m")
+    disk = mount_small_disk(run, size="32m")
     broker = run.start_broker("--data-dir", str(disk / "data"))
+    envelope = json.dumps(crypto.Sealer(run.keys[1]).seal("fault matrix message 1 of 1"))
+    # A publish record holds the envelope and ~60 bytes more; its ack record ~100 bytes.
+    ballast = leave_room(disk, scale.messages // 3 * (len(envelope) + 160))
+    run.faults["broker disk full"] += 1
     receiver = run.start_receiver(broker.port, "-v", "--ack-batch", "20",
                                   "--max-messages", str(scale.messages))
     sender = run.start_sender(broker.port, "--window", "64")
-    sender.wait_for(ACK_LINE, timeout=scale.patience, count=max(1, scale.messages // 3))
-    ballast = fill(disk)
-    run.faults["broker disk full"] += 1
     sender.wait_for(JOURNAL_FAILED, timeout=scale.patience)
+    full_after = len(events(run.record, "acked"))
     # The receiver drains the backlog meanwhile: wait for part of it (what is there).
     receiver.discard_unread()
     queued = broker_totals(broker)["queues"]["default_queue"]
@@ -182,6 +198,6 @@ def journal_disk_full(run, scale):
     run.await_receiver(receiver)
     assert broker.proc.poll() is None, "the broker exited:\n%s" % broker.log
     assert "Traceback" not in broker.log, broker.log
-    run.notes.append("{:,} publishes refused with `Error: journal write failed`, and {:,} "
-                     "messages delivered, while the disk was full"
-                     .format(lines_with(run.sender_logs, JOURNAL_FAILED), drained))
+    run.notes.append("disk full after {:,} ACKs; {:,} publishes refused with `Error: journal "
+                     "write failed`, and {:,} messages delivered, while it was full"
+                     .format(full_after, lines_with(run.sender_logs, JOURNAL_FAILED), drained))
