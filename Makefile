@@ -124,8 +124,9 @@ bench-peer-install: install
 CHAOS      ?= drop-ack=0.05,drop-confirm=0.05,drop-delivery=0.02,disconnect=0.01,delay-ms=0-20
 CHAOS_SEED ?= 7
 
-# The full matrix (10,000 messages a scenario; ~3 min): prints the table and rewrites the
-# figures in docs/RELIABILITY.md.  Exit status 1 if any scenario lost or duplicated a message.
+# The full matrix (12 rows, 10,000 messages each; ~6 min): prints the table and rewrites the
+# figures in docs/RELIABILITY.md.  Exit status 1 if any scenario lost or duplicated a message
+# (or could not run: rows 9 and 12 mount a tmpfs, which needs root).
 faults: install keys
 	$(PY) bench/faults.py --keys $(KEYS) --out docs/RELIABILITY.md $(ARGS)
 

@@ -60,7 +60,7 @@ def stale_backlog(run, scale):
     receiver.proc.send_signal(signal.SIGTERM)
     run.await_receiver(receiver)
     dead = broker_totals(broker)["queues"].get("default_queue.dead", {"ready": 0})["ready"]
-    run.notes.append("%d in default_queue.dead with their reason" % dead)
+    run.notes.append("{:,} in default_queue.dead with their reason".format(dead))
 
 
 class CannotMount(Exception):

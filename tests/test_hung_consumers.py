@@ -147,4 +147,4 @@ def test_fault_matrix_rows_hung_receiver_and_stale_backlog(keys, tmp_path):
     stale = play(stale_backlog, tmp_path / "stale", keys, CI)
     assert stale.tally.ok and not stale.tally.stored, stale.verdict()
     assert stale.tally.rejected == stale.tally.acked and len(stale.tally.acked) == CI.messages
-    assert "%d in default_queue.dead with their reason" % CI.messages in stale.notes
+    assert "{:,} in default_queue.dead with their reason".format(CI.messages) in stale.notes
