@@ -1,4 +1,4 @@
-"""docs/benchmarks.png: medians of both brokers with min–max bars, if matplotlib is installed."""
+"""docs/benchmarks.png: medians of the three brokers with min–max bars, if matplotlib is there."""
 from scenarios import RSS_TARGET_MIB
 
 PANELS = [  # (title, table row keys)
@@ -6,7 +6,9 @@ PANELS = [  # (title, table row keys)
     ("Latency at 1,000 msg/s, ms\n(lower is better)", ["4.p50", "4.p99", "8.p50", "8.p99"]),
     ("RSS, 100k queued, MiB\n(lower is better)", ["5"]),
 ]
-SIDES = [("ours", "CipherMQ", "#2b7bba", -0.2), ("rabbit", "RabbitMQ", "#f28e2b", 0.2)]
+SIDES = [("ours", "CipherMQ", "#2b7bba", -0.27), ("rabbit", "RabbitMQ", "#f28e2b", 0.0),
+         ("redis", "Redis Streams", "#c0392b", 0.27)]
+BAR_WIDTH = 0.27
 
 
 def draw(path, lines):
@@ -32,7 +34,7 @@ def draw(path, lines):
                     medians.append(summary.median)
                     below.append(summary.median - summary.low)
                     above.append(summary.high - summary.median)
-            axis.bar(xs, medians, width=0.4, color=colour, yerr=[below, above], capsize=3,
+            axis.bar(xs, medians, width=BAR_WIDTH, color=colour, yerr=[below, above], capsize=3,
                      label=name)
         axis.set_xticks(range(len(keys)), [key.replace(".", " ") for key in keys])
         axis.set_title(title, fontsize=10)
@@ -41,7 +43,8 @@ def draw(path, lines):
             axis.annotate("target", (0.05, RSS_TARGET_MIB), fontsize=8, color="grey",
                           va="bottom")
     axes[0].legend()
-    figure.suptitle("CipherMQ and RabbitMQ on one machine: medians, bars from min to max")
+    figure.suptitle("CipherMQ, RabbitMQ and Redis Streams on one machine: medians, "
+                    "bars from min to max")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     pyplot.close(figure)
