@@ -2,7 +2,8 @@
 from scenarios import RSS_TARGET_MIB
 
 PANELS = [  # (title, table row keys)
-    ("Throughput, msg/s\n(higher is better)", ["1", "2", "3", "7", "7b", "6a", "6b"]),
+    ("Throughput, msg/s\n(higher is better)", ["1", "2", "3", "9", "9b", "7", "7b", "6a",
+                                                       "6b"]),
     ("Latency at 1,000 msg/s, ms\n(lower is better)", ["4.p50", "4.p99", "8.p50", "8.p99"]),
     ("RSS, 100k queued, MiB\n(lower is better)", ["5"]),
 ]
@@ -22,7 +23,7 @@ def draw(path, lines):
 
     by_key = {line.key: line for line in lines if not line.calibration}
     figure, axes = pyplot.subplots(1, len(PANELS), figsize=(15, 4.8),
-                                   gridspec_kw={"width_ratios": [7, 4, 1.8]})
+                                   gridspec_kw={"width_ratios": [9, 4, 1.8]})
     for axis, (title, keys) in zip(axes, PANELS):
         keys = [key for key in keys if key in by_key]
         for side, name, colour, offset in SIDES:

@@ -80,7 +80,7 @@ above ~1 before the run) shows up as spread and hits every broker alike, run by 
 ```sh
 make bench               # this report: $(PY) bench/run.py --full --out docs/BENCHMARKS.md
 make bench-quick         # smoke run, prints the table only: $(PY) bench/run.py --quick
-make bench-peer-install  # as root: apt-get install rabbitmq-server redis-server; pip install -e '.[bench]'
+make bench-peer-install  # as root: apt-get install rabbitmq-server redis-server; the bench extra
 python bench/run.py --only 1,4 --repeats 5 --no-peer   # a few scenarios, CipherMQ alone
 python bench/run.py --only 3 --peers redis             # one scenario, CipherMQ and Redis
 ```
@@ -118,6 +118,12 @@ python bin/Sender.py --port P --count N --key-reuse {{1|{key_reuse}}} --public-k
   2,000 `XADD`s at a time (redis-py has no sliding window), the consumer reads up to 2,000
   entries per `XREADGROUP` of a consumer group and sends one `XACK` per entry, the acks of
   one read pipelined. An `XADD` reply is Redis's publish confirm.
+* **Client libraries (9, 9b)**: the same run as 1 and 3 with the libraries a user would
+  call on both ends: `ciphermq.client` (what `Sender.py` and `Receiver.py` use:
+  `publish_many` filling a window of 2,000 and `Reply.result` on the oldest, or
+  `Client.publish` blocking for each ACK; the consumer acks every delivery with its own
+  `ack` line, all that have arrived in one `ack_many` write), pika as above, redis-py as
+  above. Scenario 9's target is 2× pika+RabbitMQ.
 * **7b**: the same publisher with nobody consuming, so every confirm waits for the disk on
   both sides. RabbitMQ may skip the write for a message a consumer has already acked, which
   favours it in 7; 7b is the like-for-like comparison of durability. Redis runs 7 and 7b on

@@ -3,8 +3,9 @@
 ``SCENARIOS`` lists each scenario once, in run order: its CipherMQ function (``sizes`` ->
 one run's figures), the name of its RabbitMQ function in rabbitmq_scenarios.py (``info,
 sizes`` -> the same figures) or None, the same for Redis in redis_scenarios.py, and the
-table rows it produces.  Targets are judged against RabbitMQ; Redis is a column to compare.  A row names one
-figure of the run dicts, which way is better, and the target it is judged against.
+table rows it produces.  Targets are judged against RabbitMQ; Redis is a column to compare.
+A row names one figure of the run dicts, which way is better, and the target it is judged
+against.
 ``SIZES`` holds the quick and full sizes.
 """
 from __future__ import annotations  # ``X | None`` annotations on Python 3.9
@@ -102,6 +103,13 @@ SCENARIOS = [
              "scenario_publish_wait",
              [_throughput_row("3", Target("≥ 3× RabbitMQ", "ratio_min", 3.0))],
              redis="scenario_publish_wait"),
+    Scenario("9", "client libraries, 1 -> 1 pipelined: ciphermq.client / pika / redis-py",
+             ours.library_1to1, "scenario_1to1",
+             [_throughput_row("9", Target("≥ 2× pika+RabbitMQ", "ratio_min", 2.0))],
+             redis="scenario_1to1"),
+    Scenario("9b", "client libraries, publish-and-wait-each: ciphermq.client / pika / redis-py",
+             ours.library_publish_wait, "scenario_publish_wait",
+             [_throughput_row("9b")], redis="scenario_publish_wait"),
     Scenario("4", "latency at 1,000 msg/s", ours.scenario_latency, "scenario_latency", [
         Row("4.p50", "p50 ms", "p50_ms", False),
         Row("4.p99", "p99 ms", "p99_ms", False, Target("≤ RabbitMQ's", "ratio_max", 1.0)),
