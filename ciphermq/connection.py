@@ -14,9 +14,14 @@ the broker a callback, :meth:`Connection.write_pushes`, when it opens its
 session; the broker hands the callbacks of the sessions a publish (or an ack
 that made room) gave pushes back to the reader that caused them, and that
 reader calls them after sending its own replies: a non-blocking send straight
-to each consumer's socket, which saves waking a thread per message.  Whenever
-that cannot finish at once -- the connection is busy writing, or its socket is
-full -- the delivery thread is called to do it, with blocking writes.
+to each consumer's socket, which saves waking a thread per message.  If the
+connection is busy writing (its own reader is sending a reply), the callback
+leaves a flag, ``_pushes_due``, and whoever holds ``send_lock`` writes the
+pushes the same way right after releasing it -- every release of
+``send_lock`` in this class is followed by :meth:`_write_due_pushes`, so a
+flag left while the lock is held is always seen.  Only a socket too full to
+take them (or TLS, whose reads may take ``send_lock`` inside the transport)
+calls the delivery thread, which writes with blocking sends.
 
 Every write to a socket happens with its connection's ``send_lock`` held, so
 bytes never interleave, and pushes are taken from the session only under that
@@ -76,6 +81,10 @@ class Connection(socketserver.BaseRequestHandler):
         self._group_kind = None     # "publish" or "ack": the kind waiting in _group
         self._group = []            # (parsed command, its slot in _replies)
         self._push_writers = []     # write_pushes callbacks due after this read's replies
+        #: Set by write_pushes when send_lock was taken: its holder writes the
+        #: pushes after releasing it (see the module docstring).  A plain flag:
+        #: set before trying the lock, read after releasing it.
+        self._pushes_due = False
         self._must_sync = False     # a reply in _replies promises something is on disk
         self._hang_up = False       # close once the pending replies are out
         self._writer = None
@@ -118,7 +127,9 @@ class Connection(socketserver.BaseRequestHandler):
         if self.chaos:
             self._chaos_pause()
         with self.send_lock:
-            return self._flush_locked()
+            sent = self._flush_locked()
+        self._write_due_pushes()
+        return sent
 
     def finish(self):
         """Give back what the session held, stop the delivery thread (bounded), log the end."""
@@ -333,6 +344,7 @@ class Connection(socketserver.BaseRequestHandler):
                 if (batch or self.transport.backlog) and \
                         not self._send_locked(self._push_lines(batch)):
                     return
+            self._write_due_pushes()
 
     def _push_lines(self, batch):
         """The ``Message:`` lines for a batch of deliveries (chaos may lose some)."""
@@ -352,23 +364,40 @@ class Connection(socketserver.BaseRequestHandler):
 
         The callback this connection gave the broker (see the module
         docstring): called by the reader that just routed messages here,
-        often another connection's.  If this connection is busy writing, or
-        its socket cannot take everything at once, the delivery thread is
-        called to finish the job.  (Chaos mode always leaves pushes to that
-        thread.)
+        often another connection's.  If this connection is busy writing, the
+        thread writing writes them after it (see the module docstring); if its
+        socket cannot take everything at once, the delivery thread is called
+        to finish the job.  (Chaos mode always leaves pushes to that thread.)
         """
-        if self.chaos or not self.send_lock.acquire(blocking=False):
+        if self.chaos:
             self.broker.call_writer(self.session)
             return
-        try:
-            batch = self.broker.take_pushes(self.session)
-            if batch and not self.transport.send_nowait(self._push_lines(batch)):
-                self.broker.call_writer(self.session)   # the socket is full: a blocking write
-        except OSError as exc:
-            log.info("Connection from %s lost: %s", self.peer, exc)
-            self.close()
-        finally:
-            self.send_lock.release()
+        self._pushes_due = True
+        self._write_due_pushes()
+        if self._pushes_due and self.transport.reads_take_send_lock:
+            # TLS: the holder may be the reader inside the transport, which
+            # does not come back here; the delivery thread takes over.
+            self.broker.call_writer(self.session)
+
+    def _write_due_pushes(self):
+        """Write the pushes write_pushes left, unless another thread holds ``send_lock``.
+
+        Called by write_pushes and after every release of ``send_lock``: if the
+        lock is taken, its holder calls this again once it has released it.
+        Never blocks.  A socket that cannot take everything at once is left to
+        the delivery thread.
+        """
+        while self._pushes_due and self.send_lock.acquire(blocking=False):
+            try:
+                self._pushes_due = False
+                batch = self.broker.take_pushes(self.session)
+                if batch and not self.transport.send_nowait(self._push_lines(batch)):
+                    self.broker.call_writer(self.session)   # the socket is full: a blocking write
+            except OSError as exc:
+                log.info("Connection from %s lost: %s", self.peer, exc)
+                self.close()
+            finally:
+                self.send_lock.release()
 
     # -- commands: each appends its reply to self._replies ------------------
 
@@ -438,6 +467,7 @@ class Connection(socketserver.BaseRequestHandler):
             self.broker.register_consumer(self.session, queue, prefetch)
             self._replies.append(protocol.SUBSCRIBED)
             self._flush_locked()
+        self._write_due_pushes()
 
     def do_fetch(self, args):
         (raw_queue,) = protocol.split_args(args, "fetch <queue>", 1)
