@@ -35,7 +35,11 @@ The reader also enforces the connection's deadlines: authenticate within
 ``idle_timeout``.  They are checked against the clock whenever bytes arrive
 and at every read tick (a read that waits at most ``read_tick`` seconds), so
 however a client paces its bytes it is dropped within its deadline plus one
-tick.
+tick.  A reader with no deadline pending -- authenticated, between lines, no
+``idle_timeout`` -- has nothing to check: once a tick passes in silence it
+waits ``idle_read_tick`` instead, so a thousand idle connections do not wake
+a thousand threads a second; the first bytes that start a line bring the
+short tick back before the next read.
 """
 import logging
 import socket
@@ -93,6 +97,7 @@ class Connection(socketserver.BaseRequestHandler):
         self._connected_at = self._line_started = self._heard_at = self.clock()
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         set_timeouts(self.sock, self.config.read_tick, self.config.write_timeout)
+        self._long_tick = False     # reads wait idle_read_tick: no deadline is pending
         log.info("Client connected: %s", self.peer)
 
     def handle(self):
@@ -109,6 +114,8 @@ class Connection(socketserver.BaseRequestHandler):
             try:
                 for line in framer.feed(data):
                     self._execute(line)
+                if self._long_tick and framer.in_line:
+                    self._set_read_tick(long_tick=False)    # the line deadline is pending
                 if self._group:
                     self._run_group()
                 if self._replies and not self._answer():
@@ -182,6 +189,8 @@ class Connection(socketserver.BaseRequestHandler):
                 data = self.transport.recv(whole_records=False)
             except BlockingIOError:     # a read tick, or TLS bytes that finish no record yet
                 data = None
+                if not self._long_tick and not self._deadline_pending(framer):
+                    self._set_read_tick(long_tick=True)
             except OSError as exc:
                 log.info("Connection from %s lost: %s", self.peer, exc)
                 return b""
@@ -193,6 +202,17 @@ class Connection(socketserver.BaseRequestHandler):
                 return b""
             if data:
                 return data
+
+    def _deadline_pending(self, framer):
+        """True while a deadline may pass: not authenticated, mid-line, or an idle timeout."""
+        return (self.principal is None or framer.in_line
+                or self.config.idle_timeout is not None)
+
+    def _set_read_tick(self, long_tick):
+        """Make reads wait ``idle_read_tick`` (long) or ``read_tick``; the reader only."""
+        self._long_tick = long_tick
+        set_timeouts(self.sock, self.config.idle_read_tick if long_tick else self.config.read_tick,
+                     self.config.write_timeout)
 
     def _overdue(self, framer, heard):
         """Which deadline has passed, if any (a reason for the log), else None.
