@@ -7,14 +7,15 @@ PORT   ?= 5672
 HTTP_PORT ?= 15672
 KEYS   ?= keys
 
-.PHONY: install run-server test lint clean keys demo send receive certs fuzz browser-deps dashboard-screenshot
+.PHONY: install run-server test test-slow test-all mutants lint clean keys demo send receive certs fuzz \
+        browser-deps dashboard-screenshot lesson hostile
 
 install: $(VENV)/.installed
 
 # Re-installs when the package metadata changes; the editable install makes code edits live.
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,amqp]'
 	touch $@
 
 run-server: install
@@ -41,8 +42,22 @@ receive: install keys
 certs: install
 	$(PY) bin/certs.py --out-dir certs --client alice
 
+# The quick suite (about 3 min here): everything but the tests marked `slow`, which
+# setup.cfg deselects by default.  test-slow runs only those (the larger fault-matrix slice,
+# 10,000 messages with 20 receiver SIGKILLs; 1-1.5 min here); test-all runs both at once.
 test: install
 	$(PY) -m pytest $(ARGS)
+
+test-slow: install
+	$(PY) -m pytest -m slow $(ARGS)
+
+test-all: install
+	$(PY) -m pytest -m '' $(ARGS)
+
+# Planted bugs, one per guarantee, each in a throwaway copy of the tree; every one must be
+# caught by the tests named beside it (tests/mutants.py, docs/TESTING.md).  About 2 minutes.
+mutants: install
+	$(PY) tests/mutants.py $(ARGS)
 
 # Headless Chromium from Debian for tests/test_dashboard_browser.py (skipped without it,
 # failed under CI=true).  Needs root and apt; does nothing if chromium is already there.
@@ -54,9 +69,19 @@ browser-deps:
 dashboard-screenshot: install browser-deps
 	$(PY) bench/dashboard_screenshot.py --out docs/dashboard.png $(ARGS)
 
+# docs/TUTORIAL.md, one lesson at a time: make lesson N=3 (no N: the list).  ARGS='--http-port
+# 15672 --hold' gives the lesson's brokers a dashboard and keeps them up until Enter.
+lesson: install
+	$(PY) bin/lesson.py $(N) $(ARGS)
+
 # 100,000 fuzzed lines beside a well-behaved client; exits 1 if a guarantee fails.
 fuzz: install
 	$(PY) bench/fuzz.py $(ARGS)
+
+# Each attack of issue 11 beside a well-behaved client (~2.5 min): its p50/p99 and the
+# broker's RSS, as a table (docs/SECURITY.md, "Hostile neighbours").
+hostile: install
+	$(PY) bench/hostile.py $(ARGS)
 
 lint: install
 	$(PY) -m pip install --quiet --disable-pip-version-check 'ruff>=0.4'
@@ -109,7 +134,43 @@ faults: install keys
 
 # Broker in chaos mode + receiver + 200 messages: watch the retries, redeliveries and dedup,
 # then the checker's verdict.  Stops everything it started, also on Ctrl-C.
+# DEMO_HTTP_PORT= (empty) runs it without the dashboard.
+DEMO_HTTP_PORT ?= 15672
+
 chaos-demo: install keys
 	$(PY) bin/demo.py --count 200 -v --chaos $(CHAOS) --chaos-seed $(CHAOS_SEED) \
-	  --broker-arg=--redelivery-interval=2 $(ARGS)
+	  --broker-arg=--redelivery-interval=2 $(if $(DEMO_HTTP_PORT),--http-port $(DEMO_HTTP_PORT)) \
+	  $(ARGS)
 # ------------------------------------------------------------------------ end fault matrix
+
+# ---------------------------------------------------------------------------------------
+# RabbitMQ: the same scripts over a 3-node cluster (ciphermq/amqp.py, docs/SCALING.md) --
+# issue 13.  Debian's rabbitmq-server is installed with apt when missing (needs root).
+.PHONY: cluster cluster-status cluster-stop cluster-demo rabbitmq-install
+
+CLUSTER_DIR  ?= .cluster
+CLUSTER_PORT ?= 5681
+
+# 3 nodes on 127.0.0.1, AMQP on $(CLUSTER_PORT)..+2, own epmd, state in $(CLUSTER_DIR)/.
+cluster: install rabbitmq-install
+	$(PY) bin/cluster.py start --dir $(CLUSTER_DIR) --base-port $(CLUSTER_PORT) $(ARGS)
+
+cluster-status: install
+	$(PY) bin/cluster.py status --dir $(CLUSTER_DIR)
+
+# Stops exactly the processes `make cluster` started (pids in $(CLUSTER_DIR)/cluster.json).
+cluster-stop: install
+	$(PY) bin/cluster.py stop --dir $(CLUSTER_DIR)
+
+# Sender -> cluster -> Receiver, the node both use SIGKILLed mid-stream, the checker's
+# verdict; then the node is started again.  Needs `make cluster` first.
+cluster-demo: install keys
+	$(PY) bin/cluster_demo.py --dir $(CLUSTER_DIR) --keys $(KEYS) $(ARGS)
+
+# The package may try to start a system node on 5672 (our broker's port): where there is
+# no systemd to ask, .ci/stop-system-rabbitmq stops it by its pid.
+rabbitmq-install:
+	@test -x /usr/lib/rabbitmq/bin/rabbitmq-server || { \
+	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y rabbitmq-server && \
+	  .ci/stop-system-rabbitmq; }
+# ----------------------------------------------------------------------------- end cluster

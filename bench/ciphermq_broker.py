@@ -29,18 +29,19 @@ class BrokerFailed(RuntimeError):
     """The broker did not start, or exited while a scenario was using it."""
 
 
-def _answers_ping(port):
-    """True if something on ``port`` answers ``ping`` with ``PONG``."""
+def _answers_ping(port, login=b""):
+    """True if something on ``port`` answers ``ping`` with ``PONG`` (after ``login``'s reply)."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
-            sock.sendall(b"ping\n")
+            sock.sendall(login + b"ping\n")
+            expected = (b"AUTH_OK\n" if login else b"") + b"PONG\n"
             reply = b""
-            while not reply.endswith(b"\n"):
+            while reply.count(b"\n") < expected.count(b"\n"):
                 chunk = sock.recv(64)
                 if not chunk:
                     return False
                 reply += chunk
-            return reply == b"PONG\n"
+            return reply == expected
     except OSError:
         return False
 
@@ -51,15 +52,17 @@ def _log_tail(path, limit=2000):
 
 
 @contextlib.contextmanager
-def running_broker(*options):
+def running_broker(*options, login=b""):
     """Run one broker with extra command-line ``options`` for the ``with`` block.
 
     Yields ``{"host", "port", "pid", "address"}``; ``pid`` is the broker's own process (use
     it for RSS).  Blocks up to START_TIMEOUT while starting; raises BrokerFailed if the
     broker exits or does not answer.  The broker is stopped (SIGTERM, then SIGKILL) when the
-    block exits, however it exits.
+    block exits, however it exits.  With ``--users``, pass ``login=b"auth <name> <token>\\n"``
+    for the readiness check.
     """
-    with _running("broker", ["-m", "ciphermq.server", "--log-level", "WARNING", *options]) as info:
+    with _running("broker", ["-m", "ciphermq.server", "--log-level", "WARNING", *options],
+                  login) as info:
         yield info
 
 
@@ -71,14 +74,14 @@ def running_relay():
 
 
 @contextlib.contextmanager
-def _running(name, argv):
+def _running(name, argv, login=b""):
     port = free_port()
     with tempfile.NamedTemporaryFile(prefix="bench-server-", suffix=".log") as log_file:
         proc = subprocess.Popen(
             [sys.executable, *argv, "--port", str(port)],
             cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file)
         try:
-            _wait_ready(name, proc, port, log_file.name)
+            _wait_ready(name, proc, port, log_file.name, login)
             try:
                 yield {"host": "127.0.0.1", "port": port, "pid": proc.pid,
                        "address": ("127.0.0.1", port)}
@@ -91,9 +94,9 @@ def _running(name, argv):
             _stop(proc)
 
 
-def _wait_ready(name, proc, port, log_path):
+def _wait_ready(name, proc, port, log_path, login=b""):
     deadline = time.monotonic() + START_TIMEOUT
-    while not _answers_ping(port):
+    while not _answers_ping(port, login):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise BrokerFailed(f"{name} did not answer on port {port} within "

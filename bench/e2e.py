@@ -16,12 +16,14 @@ message at the receiver); ``--key-reuse KEY_REUSE`` lets one session key serve t
 messages.  The receiver's bound is measured in the same run: RSA-OAEP-2048 (SHA-256, as
 v2 envelopes use) decrypts per second in one process, doing nothing else.
 """
+import contextlib
 import os
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import uuid
 
 from ciphermq_broker import REPO, running_broker
 from processes import CLIENT_TIMEOUT, ClientProcesses
@@ -93,31 +95,45 @@ def _await_subscribed(receiver):
             raise RuntimeError(f"receiver did not subscribe:\n{receiver.tail()}")
 
 
-def _e2e(msgs, key_reuse):
-    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as work, running_broker() as broker:
-        keys = os.path.join(work, "keys")
-        subprocess.run([sys.executable, RSA_SCRIPT, "--out-dir", keys], cwd=REPO, check=True,
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-        port = str(broker["port"])
-        receiver = _Script([RECEIVER, "--port", port, "--max-messages", str(msgs),
-                            "--private-key", os.path.join(keys, "receiver_private.pem"),
-                            "--output", os.path.join(work, "received.json")])
-        sender = None
-        try:
-            _await_subscribed(receiver)
-            started = time.monotonic()
-            sender = _Script([SENDER, "--port", port, "--count", str(msgs),
-                              "--key-reuse", str(key_reuse),
-                              "--public-key", os.path.join(keys, "receiver_public.pem"),
-                              "--outbox", os.path.join(work, "outbox.json")])
-            sender.wait("Sender.py")
-            receiver.wait("Receiver.py")
-        finally:
-            receiver.kill()
-            if sender is not None:
-                sender.kill()
-        first = receiver.first("[RECEIVER] Received message")
-        last = receiver.last(f"{msgs} message(s) saved")
+def _e2e(msgs, key_reuse, urls=None):
+    """One run of the scripts: over a fresh CipherMQ broker, or over ``urls`` (RabbitMQ,
+    on a fresh quorum queue of the run's own)."""
+    with contextlib.ExitStack() as stack:
+        work = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-e2e-"))
+        if urls is None:
+            broker = stack.enter_context(running_broker())
+            where = ["--port", str(broker["port"])]
+        else:
+            name = "bench-e2e-%s" % uuid.uuid4().hex[:8]
+            where = [a for url in urls for a in ("--url", url)]
+            where += ["--exchange", name + ".x", "--queue", name]
+        return _e2e_in(work, msgs, key_reuse, where)
+
+
+def _e2e_in(work, msgs, key_reuse, where):
+    """Keys, then the Receiver (subscribed), then the Sender; the run's figures."""
+    keys = os.path.join(work, "keys")
+    subprocess.run([sys.executable, RSA_SCRIPT, "--out-dir", keys], cwd=REPO, check=True,
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    receiver = _Script([RECEIVER, *where, "--max-messages", str(msgs),
+                        "--private-key", os.path.join(keys, "receiver_private.pem"),
+                        "--output", os.path.join(work, "received.json")])
+    sender = None
+    try:
+        _await_subscribed(receiver)
+        started = time.monotonic()
+        sender = _Script([SENDER, *where, "--count", str(msgs),
+                          "--key-reuse", str(key_reuse),
+                          "--public-key", os.path.join(keys, "receiver_public.pem"),
+                          "--outbox", os.path.join(work, "outbox.json")])
+        sender.wait("Sender.py")
+        receiver.wait("Receiver.py")
+    finally:
+        receiver.kill()
+        if sender is not None:
+            sender.kill()
+    first = receiver.first("[RECEIVER] Received message")
+    last = receiver.last(f"{msgs} message(s) saved")
     seconds = last - first
     return {"msgs": msgs, "key_reuse": key_reuse, "seconds": round(seconds, 3),
             "msg_per_s": round(msgs / seconds), "wall_msg_per_s": round(msgs / (last - started))}
@@ -131,6 +147,16 @@ def scenario_per_message_rsa(sizes):
 def scenario_key_reuse(sizes):
     """As per-message RSA, with ``Sender.py --key-reuse KEY_REUSE``."""
     return _e2e(sizes["e2e_reuse_msgs"], key_reuse=KEY_REUSE)
+
+
+def rabbitmq_per_message_rsa(urls, sizes):
+    """The same scripts, per-message RSA, over RabbitMQ at ``urls`` (``--url`` each)."""
+    return _e2e(sizes["e2e_rsa_msgs"], key_reuse=1, urls=urls)
+
+
+def rabbitmq_key_reuse(urls, sizes):
+    """The same scripts, session-key reuse, over RabbitMQ at ``urls``."""
+    return _e2e(sizes["e2e_reuse_msgs"], key_reuse=KEY_REUSE, urls=urls)
 
 
 def _decrypt_loop(seconds, ready, go):

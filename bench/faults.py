@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 # The scenarios and their helpers live in tests/.  It goes first on the path: bench/ has a
 # processes.py of its own, and the scenarios need tests/processes.py (BrokerProcess).
 sys.path.insert(0, str(REPO / "tests"))
+import consumer_faults  # noqa: E402
 import test_faults as matrix  # noqa: E402
 from Crypto.PublicKey import RSA  # noqa: E402
 
@@ -47,12 +48,14 @@ BEGIN, END = "<!-- faults:begin -->", "<!-- faults:end -->"
 class Row:
     """One scenario of the matrix: what runs, and whether loss is the expected outcome."""
 
-    def __init__(self, number, title, scenario, options=None, expect_loss=False):
+    def __init__(self, number, title, scenario, options=None, expect_loss=False,
+                 expect_rejects=False):
         self.number = number
         self.title = title
         self.scenario = scenario
         self.options = options or {}
         self.expect_loss = expect_loss
+        self.expect_rejects = expect_rejects    # every message refused on purpose, none lost
         self.result = None
         self.error = None
 
@@ -64,6 +67,10 @@ class Row:
             if tally.lost and not tally.duplicated:
                 return "✅ loss seen, as documented"
             return "❌ the negative control saw no loss"
+        if self.expect_rejects:
+            if tally.ok and not tally.stored and tally.rejected == tally.acked == tally.attempted:
+                return "✅ all rejected to .dead, none lost"
+            return "❌ " + "; ".join(tally.report()[-2:])
         if tally.ok and tally.acked == tally.attempted:
             return "✅ exactly once"
         return "❌ " + "; ".join(line for line in tally.report() if line.startswith("❌"))
@@ -85,6 +92,12 @@ ROWS = [
         matrix.network_faults),
     Row("6", "Negative control: memory-only broker SIGKILLed the same way",
         matrix.broker_kills, {"durable": False}, expect_loss=True),
+    Row("7", "Hung receiver: SIGSTOPped through 10 redelivery passes, then SIGKILLed",
+        consumer_faults.hung_receiver),
+    Row("8", "Stale backlog: every message older than the receiver's --max-age",
+        consumer_faults.stale_backlog, expect_rejects=True),
+    Row("9", "Receiver's disk full mid-stream (8 MiB tmpfs), then space again",
+        consumer_faults.receiver_disk_full),
 ]
 
 

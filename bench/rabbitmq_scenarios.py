@@ -8,11 +8,16 @@ it afterwards; scenario 5 starts a fresh node of its own for each run.
 Window and prefetch: 2000/2000 was at the top of a 50..5000 sweep here (differences within
 the VM's noise above ~1000; 100 or less cost 20-40%).  CipherMQ's side uses the same.
 """
+import tempfile
+
+import e2e
 import envelopes
 import pika
 import rabbitmq_clients as clients
 from processes import ClientProcesses, latency_figures, rss_mib, split
 from rabbitmq_node import private_rabbitmq
+
+from ciphermq import rabbitmq_nodes
 
 WINDOW = 2000               # unconfirmed messages in flight per pipelined publisher
 PREFETCH = 2000             # unacked deliveries per consumer
@@ -181,3 +186,26 @@ def scenario_persistent_no_consumer(info, sizes):
 def scenario_idle_latency(info, sizes):
     """Latency at 1,000 msg/s while 1,000 idle AMQP connections are held open."""
     return _latency(info, "latency_1000_idle1000", sizes["latency_seconds"], IDLE_CLIENTS)
+
+
+# -- scenario 6: the same scripts (bin/Sender.py, bin/Receiver.py) with --url -------------
+
+def _url(info):
+    return "amqp://guest:guest@%s:%d/" % (info["host"], info["port"])
+
+
+def scenario_e2e_rsa(info, sizes):
+    """Sender.py -> one RabbitMQ node -> Receiver.py, per-message RSA, quorum queue."""
+    return e2e.rabbitmq_per_message_rsa([_url(info)], sizes)
+
+
+def scenario_e2e_reuse(info, sizes):
+    """As scenario_e2e_rsa, with ``--key-reuse``."""
+    return e2e.rabbitmq_key_reuse([_url(info)], sizes)
+
+
+def scenario_e2e_cluster(_info, sizes):
+    """The same scripts, per-message RSA, over a fresh 3-node cluster (all three --url)."""
+    with rabbitmq_nodes.running(tempfile.mkdtemp(prefix="bench-cluster-"), 3,
+                                prefix="benchc") as cluster:
+        return e2e.rabbitmq_per_message_rsa(cluster.urls, sizes)

@@ -7,7 +7,8 @@ The design document's receiver: ``receive_messages`` takes what the broker
 pushes, ``decrypt_message_hybrid`` opens it, ``process_messages`` stores it in
 ``received_messages.json`` -- fsynced *before* its ack, so nothing acked is
 lost -- and that file is ``processed_messages`` too (read back at start).
-``signal_handler``: SIGINT/SIGTERM finish the messages in hand, exit 0.  The
+``signal_handler``: SIGINT/SIGTERM finish the messages in hand, exit 0; a full
+disk stops it with one ❌ line and exit status 74, nothing unwritten acked.  The
 machinery (batches, ack re-sending, decrypt threads, reconnecting) is in
 ciphermq/receiver.py; docs/CLIENTS.md explains why this is exactly once.
 """
@@ -25,8 +26,8 @@ if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
 from ciphermq import cli, crypto  # noqa: E402  (needs the path above)
-from ciphermq.errors import CorruptFile, DecryptionError, ServerError, UsageError  # noqa: E402
-from ciphermq.receiver import CrashHook, Receiver, open_store  # noqa: E402
+from ciphermq.errors import CorruptFile, DecryptionError, OutputWriteFailed, ServerError, UsageError  # noqa: E402
+from ciphermq.receiver import WRITE_FAILED, CrashHook, Receiver, open_store  # noqa: E402
 
 #: Set by signal_handler; the receive loop looks at it at least every 0.25 s.
 STOP = threading.Event()
@@ -76,7 +77,7 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="Receiver.py", description="Receive, decrypt and store CipherMQ messages, "
                                         "each exactly once.")
-    cli.add_connection_arguments(parser)
+    cli.add_connection_arguments(parser, declare=("exchange", "routing_key"))
     parser.add_argument("--queue", default="default_queue",
                         help="queue to consume (default %(default)s)")
     parser.add_argument("--private-key", default="keys/receiver_private.pem", type=Path,
@@ -147,6 +148,10 @@ def main(argv=None):
     except ServerError as exc:          # authentication refused, or an unknown queue
         print("❌ [RECEIVER] %s" % exc, file=sys.stderr)
         return 1
+    except OutputWriteFailed as exc:    # full disk, I/O error: nothing unwritten was acked
+        print("❌ [RECEIVER] %s; stopped without acking what it could not store"
+              % exc, file=sys.stderr)
+        return WRITE_FAILED
 
 
 if __name__ == "__main__":

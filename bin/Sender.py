@@ -56,7 +56,7 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="Sender.py", description="Encrypt messages for the receiver and publish them "
                                       "to a CipherMQ broker, keeping each until it is ACKed.")
-    cli.add_connection_arguments(parser)
+    cli.add_connection_arguments(parser, declare=("queue",))
     parser.add_argument("--exchange", default="default_exchange",
                         help="exchange to publish to (default %(default)s)")
     parser.add_argument("--routing-key", default="default_key",

@@ -135,7 +135,8 @@ class Children:
 
 
 def start_broker(children, workdir, options, console):
-    """Start the broker on a free port; return the port it logged.
+    """Start the broker on a free port; return the port it logged, and its dashboard's URL
+    (None without --http-port).
 
     Its log is read to the end, so the broker never blocks on the pipe; each
     fault it injects in chaos mode is shown and counted on ``console``.
@@ -144,9 +145,13 @@ def start_broker(children, workdir, options, console):
                              stderr=subprocess.PIPE, text=True, encoding="utf-8",
                              cwd=str(workdir))
     ports = queue.Queue()
+    dashboard = []                  # logged before the port, so complete once a port arrives
 
     def read_log():
         for line in process.stderr:
+            url = re.search(r"Dashboard on (http://\S+/)", line)
+            if url:
+                dashboard.append(url.group(1))
             match = re.search(r"listening on [\d.]+:(\d+)", line)
             if match:
                 ports.put(int(match.group(1)))
@@ -162,7 +167,7 @@ def start_broker(children, workdir, options, console):
         raise RuntimeError("the broker did not report its port in time") from None
     if port is None:
         raise RuntimeError("the broker exited at start (status %s)" % process.wait())
-    return port
+    return port, (dashboard[0] if dashboard else None)
 
 
 def start_script(children, console, argv, log, workdir):
@@ -201,12 +206,16 @@ def run(args, workdir, children, console):
     output = workdir / "received_messages.json"
     outbox = workdir / "pending_messages.json"
     broker_options, client_options = chaos_options(args)
+    if args.http_port is not None:
+        broker_options += ["--http-port", str(args.http_port)]
     verbose = ["-v"] if args.verbose else []
     count = args.count if args.count is not None else len(MESSAGES)
     timeout = RUN_TIMEOUT + count / 10.0
-    port = start_broker(children, workdir, broker_options, console)
+    port, dashboard = start_broker(children, workdir, broker_options, console)
     console.say("🟢 [DEMO] Broker listening on 127.0.0.1:%d%s"
                 % (port, " in CHAOS MODE (%s)" % args.chaos if args.chaos else ""))
+    if dashboard is not None:
+        console.say(dashboard_hint(dashboard, args.chaos))
     receiver = start_script(
         children, console,
         [sys.executable, str(HERE / "Receiver.py"), "--port", str(port),
@@ -236,6 +245,17 @@ def run(args, workdir, children, console):
         print(line)
     expected = args.count is not None or sorted(r["message"] for r in stored) == sorted(MESSAGES)
     return 0 if tally.ok and expected else 1
+
+
+def dashboard_hint(url, chaos):
+    """Where to look on the dashboard while the demo runs."""
+    hint = "📊 [DEMO] Dashboard: %s (open it now; it lives as long as the demo)" % url
+    if chaos:
+        hint += ("\n📊 [DEMO] Watch the redelivered total and the redeliver line on the rates "
+                 "chart climb with each dropped push and connection, the duplicate publishes "
+                 "total count the sender's retries after lost ACKs, and default_queue's "
+                 "unacked column drain back to 0")
+    return hint
 
 
 def chaos_options(args):
@@ -319,6 +339,9 @@ def main(argv=None):
     parser.add_argument("--broker-arg", action="append", default=[], metavar="ARG",
                         help="one more broker option, e.g. --broker-arg=--redelivery-interval=2 "
                              "(repeatable)")
+    parser.add_argument("--http-port", type=int, metavar="PORT",
+                        help="give the demo's broker a dashboard on this port (make chaos-demo: "
+                             "15672) and say where to look on it")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="every status line of the receiver, for every message")
     args = parser.parse_args(argv)

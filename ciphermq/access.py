@@ -9,8 +9,9 @@ must first become a principal, either
   commonName is a user's name;
 
 and each principal may only publish to the exchanges it lists, consume (and
-so fetch, ack and nack) from the queues it lists, and declare or bind only if
-it may ``configure``.  Anything else is answered ``Error: not allowed ...``
+so fetch, ack and nack) from the queues it lists, declare or bind only if
+it may ``configure``, and purge, requeue dead letters or peek only if it is
+``admin``.  Anything else is answered ``Error: not allowed ...``
 and changes nothing.
 
 The users file is JSON; tokens are stored only as salted SHA-256 hashes.
@@ -21,7 +22,7 @@ name costs the same work as a known one::
 
     {"users": [{"name": "alice", "salt": "<hex>", "token_sha256": "<hex>",
                 "publish": ["default_exchange"], "consume": ["default_queue"],
-                "configure": false}]}
+                "configure": false, "admin": false}]}
 
 ``"*"`` in a list means every exchange or queue.
 """
@@ -42,11 +43,12 @@ ANY = "*"
 class Principal:
     """An authenticated client and its permissions."""
 
-    def __init__(self, name, publish=(), consume=(), configure=False):
+    def __init__(self, name, publish=(), consume=(), configure=False, admin=False):
         self.name = name
         self.publish = frozenset(publish)
         self.consume = frozenset(consume)
         self.configure = bool(configure)
+        self.admin = bool(admin)
 
     def check_publish(self, exchange):
         if ANY not in self.publish and exchange not in self.publish:
@@ -62,9 +64,14 @@ class Principal:
         if not self.configure:
             raise NotAllowed("not allowed: %s may not declare or bind" % self.name)
 
+    def check_admin(self):
+        """The ``admin`` right: purge, requeue_dead and peek (ciphermq-admin)."""
+        if not self.admin:
+            raise NotAllowed("not allowed: %s may not administer queues" % self.name)
+
 
 #: Everybody, when access control is off.
-ANONYMOUS = Principal("anonymous", [ANY], [ANY], configure=True)
+ANONYMOUS = Principal("anonymous", [ANY], [ANY], configure=True, admin=True)
 
 
 def hash_token(salt, token):
@@ -112,12 +119,12 @@ class Users:
     @staticmethod
     def _principal(entry):
         return Principal(entry["name"], entry.get("publish", ()), entry.get("consume", ()),
-                         entry.get("configure", False))
+                         entry.get("configure", False), entry.get("admin", False))
 
 
 # -- python -m ciphermq.access: manage a users file -----------------------------
 
-def add_user(path, name, publish, consume, configure):
+def add_user(path, name, publish, consume, configure, admin=False):
     """Add (or replace) a user with a fresh token; return the token (shown once)."""
     document = {"users": []}
     if os.path.exists(path):
@@ -127,7 +134,8 @@ def add_user(path, name, publish, consume, configure):
     salt = secrets.token_hex(16)
     users = [entry for entry in document["users"] if entry["name"] != name]
     users.append({"name": name, "salt": salt, "token_sha256": hash_token(salt, token),
-                  "publish": publish, "consume": consume, "configure": configure})
+                  "publish": publish, "consume": consume, "configure": configure,
+                  "admin": admin})
     document["users"] = users
     # 0600, via <path>.tmp opened exclusively: a planted <path>.tmp symlink is refused.
     files.replace_atomically(path, json.dumps(document, indent=2).encode("utf-8"))
@@ -144,9 +152,12 @@ def main(argv=None):
     add.add_argument("--publish", action="append", default=[], metavar="EXCHANGE")
     add.add_argument("--consume", action="append", default=[], metavar="QUEUE")
     add.add_argument("--configure", action="store_true", help="may declare and bind")
+    add.add_argument("--admin", action="store_true",
+                     help="may purge, requeue dead letters and peek (ciphermq-admin)")
     args = parser.parse_args(argv)
     try:
-        token = add_user(args.file, args.name, args.publish, args.consume, args.configure)
+        token = add_user(args.file, args.name, args.publish, args.consume, args.configure,
+                         args.admin)
     except FileExistsError as exc:
         print("Error: %s already exists (left by an interrupted run, or planted): it is not "
               "followed or overwritten; remove it and try again" % exc.filename, file=sys.stderr)

@@ -9,10 +9,27 @@ A message copy in a queue is in one of two states::
 
     ready --push/consume--> in flight (held by one Session) --acknowledge--> gone
       ^                          |
-      +---- nack, timeout, ------+----(max deliveries reached)----> <queue>.dead
-            disconnect
+      +---- nack, timeout, ------+----(given back max_deliveries times)----> <queue>.dead
+            disconnect           |
+                                 +----reject <id> [reason]----------------> <queue>.dead
 
 A message is never dropped: it leaves the broker only by an ack.
+
+An overdue delivery counts as given back only if its consumer has acked (or
+nacked, rejected) a message delivered *after* it: it read past it.  A
+consumer still busy with earlier messages is slow, and its overdue ones wait
+for it.  One that has said nothing since the push (hung, stopped) is
+*stalled*: its overdue messages move to another consumer with room, or
+(pushed to it once more) wait for it, and it gets no new pushes.  A session
+that holds messages and has said nothing for ``consumer_timeout`` is
+disconnected through its ``hang_up`` callback, and what it held is requeued
+-- that counts.  ``Message.returns`` counts only these real give-backs (nack,
+disconnect, consumer timeout, the timeout of a pulled or skipped message);
+``max_deliveries`` of them dead-letter a message.
+
+Every message id is remembered with a digest of its envelope (as long as the
+id is live or in the dedup window): the same id with the same bytes is a
+duplicate, re-ACKed; with different bytes it is refused.
 
 With a :class:`~ciphermq.journal.Journal` attached, every change that must
 survive a crash is appended to it under the mutex (a memory append; the disk
@@ -21,6 +38,9 @@ until it is on disk.  In-flight state is not journaled: after a restart,
 whatever was in flight is simply ready again.
 """
 import collections
+import hashlib
+import itertools
+import json
 import logging
 import threading
 import time
@@ -35,20 +55,29 @@ DEFAULT_EXCHANGE = "default_exchange"
 DEFAULT_QUEUE = "default_queue"
 DEFAULT_KEY = "default_key"
 DEAD_SUFFIX = ".dead"
+#: ``stats`` without a queue name lists at most this many queues (the totals cover all).
+STATS_MAX_QUEUES = 100
 
 
 class Message:
     """One copy of a message in one queue."""
 
-    __slots__ = ("id", "body", "queue", "deliveries", "consumer", "deadline")
+    __slots__ = ("id", "body", "queue", "deliveries", "consumer", "deadline", "returns",
+                 "handed_at", "seq", "pushed_again", "push_lost", "reason")
 
-    def __init__(self, message_id, body, queue):
+    def __init__(self, message_id, body, queue, reason=None):
         self.id = message_id
         self.body = body            # the envelope JSON as bytes, shared by all copies
         self.queue = queue
         self.deliveries = 0         # times pushed to a consumer or pulled by consume()
+        self.returns = 0            # times given back: nack, disconnect, timeouts (see module)
         self.consumer = None        # the Consumer it was pushed to (None when pulled)
         self.deadline = 0.0         # when an unacked delivery is taken back
+        self.handed_at = 0.0        # clock() of the current delivery
+        self.seq = 0                # the broker's hand-over count at the current delivery
+        self.pushed_again = False   # already pushed once more to a stalled consumer
+        self.push_lost = False      # chaos mode lost its push: a timeout is a plain redelivery
+        self.reason = reason        # why it is in a dead-letter queue (None elsewhere)
 
 
 class Queue:
@@ -101,11 +130,17 @@ class Session:
       session closes.
     """
 
-    def __init__(self, name, mutex, write_pushes=None):
+    def __init__(self, name, mutex, write_pushes=None, hang_up=None, now=0.0):
         self.name = name
         #: The connection's callback: write ``pushes`` now, never blocking.
         #: Called without any broker lock, by whoever made pushes.
         self.write_pushes = write_pushes
+        #: The connection's callback to close it (consumer timeout); called
+        #: without any broker lock, by the redelivery timer's thread.
+        self.hang_up = hang_up
+        self.heard_at = now         # clock() of its last ack, nack, reject, fetch or consume
+        self.stalled = False        # silent since a push fell due (see the module docstring)
+        self.progress = 0           # highest Message.seq it acked, nacked or rejected
         self.held = {}              # message id -> Message delivered and not acked, in order
         self.consumers = {}         # queue name -> Consumer
         self.pushes = []            # (message_id, body, delivery_count) to write
@@ -128,17 +163,21 @@ class Broker:
 
     def __init__(self, *, redelivery_interval=30.0, max_deliveries=10,
                  max_queue_length=1_000_000, max_queues=10_000, max_exchanges=1_000,
-                 max_bindings=10_000, dedup_window=3600.0,
-                 dedup_max_ids=1_000_000, clock=time.monotonic, wall_clock=time.time,
-                 journal=None):
+                 max_bindings=10_000, max_memory=512 * 1024 * 1024, max_unacked=10_000,
+                 dedup_window=3600.0, dedup_max_ids=1_000_000, clock=time.monotonic,
+                 wall_clock=time.time, journal=None, consumer_timeout=300.0):
         self.redelivery_interval = redelivery_interval
+        self.consumer_timeout = consumer_timeout
         self.max_deliveries = max_deliveries
         self.max_queue_length = max_queue_length
         self.max_queues = max_queues
         self.max_exchanges = max_exchanges
         self.max_bindings = max_bindings
         self._bindings = 0          # over all exchanges, for max_bindings
-        self._declared = 0          # queues other than dead-letter queues, for max_queues
+        self._declared = 0          # queues counted by max_queues (see _declare_queue)
+        self.max_memory = max_memory    # envelope bytes queued, every copy counted
+        self.max_unacked = max_unacked  # messages one session may hold unacked
+        self._queued_bytes = 0      # envelope bytes of every copy not yet acked
         self.dedup_window = dedup_window
         self.dedup_max_ids = dedup_max_ids
         self.clock = clock
@@ -155,6 +194,8 @@ class Broker:
         self._live = {}             # message id -> copies not yet acked
         self._acked_at = {}         # message id -> clock() of its first ack
         self._acked_order = collections.deque()   # ids in _acked_at, oldest first
+        self._digests = {}          # id in _live or _acked_at -> envelope_digest(body)
+        self._handovers = 0         # deliveries made so far: each one's Message.seq
         self._live_bytes = 0        # envelope bytes of live messages (compaction rule)
         self._new_pushes = []       # sessions whose pushes stopped being empty in this call
         self.totals = dict.fromkeys(
@@ -165,7 +206,8 @@ class Broker:
     def declare_queue(self, name):
         """Create queue ``name`` if it does not exist.  Idempotent."""
         with self.mutex:
-            if name not in self._queues and self._declared >= self.max_queues:
+            if (name not in self._queues and self._declared >= self.max_queues
+                    and not self._is_dead_letter_of_existing(name)):
                 raise BrokerError("too many queues (max %d)" % self.max_queues)
             self._declare_queue(name)
 
@@ -187,8 +229,7 @@ class Broker:
         with self.mutex:
             exchange = self._exchange(exchange_name)
             queue = self._queue(queue_name)
-            if self._bindings >= self.max_bindings and (binding_key, queue) not in \
-                    exchange.bindings():
+            if self._bindings >= self.max_bindings and not exchange.is_bound(binding_key, queue):
                 raise BrokerError("too many bindings (max %d)" % self.max_bindings)
             if exchange.bind(binding_key, queue):
                 self._bindings += 1
@@ -206,14 +247,16 @@ class Broker:
         """Store a message in every queue it routes to.
 
         Returns True if stored, False if ``message_id`` was already accepted
-        (queued, in flight, or acked within the dedup window): the caller
-        answers ``ACK`` either way and the message is not stored twice.
-        Raises BrokerError if the exchange is unknown, nothing is bound for
-        the key, or a target queue is full -- and then stores nothing.
+        with the same envelope (queued, in flight, or acked within the dedup
+        window): the caller answers ``ACK`` either way and the message is not
+        stored twice.  Raises BrokerError if the exchange is unknown, nothing
+        is bound for the key, a target queue is full, or the id was already
+        used for a different envelope -- and then stores nothing.
         """
+        digest = envelope_digest(body)      # hashing stays outside the lock
         with self.mutex:
             try:
-                return self._publish(exchange_name, routing_key, message_id, body)
+                return self._publish(exchange_name, routing_key, message_id, body, digest)
             finally:
                 self._notify_writers()
 
@@ -232,17 +275,22 @@ class Broker:
         waking another thread per message.
         """
         results = []
+        digests = [envelope_digest(publish[3]) for publish in publishes]
         with self.mutex:
-            for publish in publishes:
+            for publish, digest in zip(publishes, digests):
                 try:
-                    results.append(self._publish(*publish))
+                    results.append(self._publish(*publish, digest))
                 except BrokerError as exc:
                     results.append(exc)
             return results, self._take_writers()
 
-    def _publish(self, exchange_name, routing_key, message_id, body):
+    def _publish(self, exchange_name, routing_key, message_id, body, digest):
         """publish() with the mutex held."""
         if message_id in self._live or message_id in self._acked_at:
+            known = self._digests.get(message_id)
+            if known is not None and known != digest:
+                raise BrokerError("message_id %s already used for different content"
+                                  % message_id)
             self.totals["duplicates"] += 1
             return False
         queues = self._exchange(exchange_name).route(routing_key)
@@ -254,7 +302,12 @@ class Broker:
                 raise BrokerError("queue '%s' is full" % queue.name)
         if self.journal is not None:
             self.journal.check_writable()   # a disk refusing writes refuses publishes up front
+        cost = len(body) * len(queues)     # fanout copies share bytes, but count each
+        if self._queued_bytes + cost > self.max_memory:
+            raise BrokerError("broker memory limit reached")
+        self._queued_bytes += cost
         self._live[message_id] = len(queues)
+        self._digests[message_id] = digest
         self._live_bytes += len(body)
         self.totals["published"] += 1
         if self.journal is not None:
@@ -268,10 +321,10 @@ class Broker:
 
     # -- consuming ----------------------------------------------------------
 
-    def open_session(self, name, write_pushes=None):
-        """A new Session for a connection; ``write_pushes`` is its callback (see Session)."""
+    def open_session(self, name, write_pushes=None, hang_up=None):
+        """A new Session for a connection, with its callbacks (see Session)."""
         with self.mutex:
-            session = Session(name, self.mutex, write_pushes)
+            session = Session(name, self.mutex, write_pushes, hang_up, self.clock())
             self._sessions.add(session)
             return session
 
@@ -289,6 +342,7 @@ class Broker:
                 session.consumers[queue_name] = consumer
                 queue.consumers.append(consumer)
             consumer.prefetch = prefetch
+            self._heard(session)
             self._dispatch(queue)
             self._notify_writers()
 
@@ -299,16 +353,32 @@ class Broker:
         :meth:`register_consumer`.)
 
         The message is in flight to ``session`` exactly as if it had been
-        pushed: it must be acked, and comes back if it is not.
+        pushed: it must be acked, and comes back if it is not.  Raises
+        BrokerError when the session already holds ``max_unacked`` messages.
+
+        O(1) under the lock in the usual case (the head of the queue); a
+        message whose id the session already holds (a copy from another
+        queue) is skipped, so the scan is at most ``max_unacked`` long.
         """
         with self.mutex:
             queue = self._queue(queue_name)
-            for position, message in enumerate(queue.ready):
-                if message.id not in session.held:
-                    del queue.ready[position]
-                    self._hand_over(message, session, None)
-                    return message.id, message.body, message.deliveries
-            return None
+            self._heard(session)
+            held = session.held
+            if len(held) >= self.max_unacked:
+                raise BrokerError("too many unacked messages on this connection (max %d)"
+                                  % self.max_unacked)
+            ready = queue.ready
+            if ready and ready[0].id not in held:
+                message = ready.popleft()
+            else:
+                for position, message in enumerate(ready):
+                    if message.id not in held:
+                        del ready[position]
+                        break
+                else:
+                    return None
+            self._hand_over(message, session, None)
+            return message.id, _delivered_body(message), message.deliveries
 
     def wait_pushes(self, session, timeout=None):
         """Block until ``session`` has pushes waiting or its writer was called; False once closed.
@@ -332,6 +402,15 @@ class Broker:
             batch, session.pushes = session.pushes, []
             return batch
 
+    def lose_pushes(self, session, message_ids):
+        """Chaos mode dropped these pushes on purpose: when they fall due they are redelivered
+        as any unacked delivery is, not treated as waiting at a stalled consumer."""
+        with self.mutex:
+            for message_id in message_ids:
+                message = session.held.get(message_id)
+                if message is not None:
+                    message.push_lost = True
+
     def call_writer(self, session):
         """Make the session's delivery thread look at its pushes (and its connection's backlog)."""
         with self.mutex:
@@ -346,6 +425,7 @@ class Broker:
         BrokerError for a message this session does not hold.
         """
         with self.mutex:
+            self._heard(session)
             try:
                 return self._acknowledge(session, message_id)
             finally:
@@ -359,6 +439,7 @@ class Broker:
         """
         results = []
         with self.mutex:
+            self._heard(session)
             for message_id in message_ids:
                 try:
                     results.append(self._acknowledge(session, message_id))
@@ -368,15 +449,19 @@ class Broker:
 
     def _acknowledge(self, session, message_id):
         """acknowledge() with the mutex held."""
+        was_full = len(session.held) >= self.max_unacked
         message = session.held.pop(message_id, None)
         if message is None:
             if message_id in self._acked_at:
                 return False
             raise BrokerError("message '%s' is not delivered to this connection" % message_id)
+        session.progress = max(session.progress, message.seq)
         self._release(message)
         self._forget_copy(message)
         self.totals["acked"] += 1
         self._dispatch(message.queue)
+        if was_full:
+            self._dispatch_consumers_of(session)
         if self.journal is not None and self.journal.wants_compaction(self._live_bytes):
             self.journal.request_compaction()
         return True
@@ -384,33 +469,115 @@ class Broker:
     def nack(self, session, message_id):
         """Give a message back now, for redelivery (or the dead-letter queue)."""
         with self.mutex:
+            was_full = len(session.held) >= self.max_unacked
+            self._heard(session)
             message = session.held.pop(message_id, None)
             if message is None:
                 raise BrokerError("message '%s' is not delivered to this connection"
                                   % message_id)
+            session.progress = max(session.progress, message.seq)
             events = []
             self._requeue([message], events, "nacked")
+            if was_full:
+                self._dispatch_consumers_of(session)
             self._notify_writers()
         _log_events(events)
 
     def close_session(self, session):
         """Forget a connection: everything it held goes back to its queues."""
+        events = []
         with self.mutex:
-            if session.closed:
-                return 0
-            session.closed = True
-            self._sessions.discard(session)
-            for consumer in session.consumers.values():
-                consumer.queue.consumers.remove(consumer)
-            held = list(session.held.values())
-            session.held.clear()
-            session.pushes = []
-            events = []
-            self._requeue(held, events, "connection closed")
+            held = self._close(session, events, "connection closed")
             self._notify_writers()
-            session.has_pushes.notify_all()
         _log_events(events)
-        return len(held)
+        return held
+
+    # -- refusing (basic.reject without requeue) --------------------------------
+
+    def reject(self, session, message_id, reason):
+        """Move a message this session holds straight to ``<queue>.dead``, with ``reason``.
+
+        The consumer refuses it for good (stale, tampered, unsigned...): it is
+        not redelivered, and it is not dropped -- an operator can read
+        ``<queue>.dead``.  Raises BrokerError for a message this session does
+        not hold, or one already in a dead-letter queue (ack it to drop it).
+        """
+        events = []
+        with self.mutex:
+            self._heard(session)
+            message = session.held.get(message_id)
+            if message is None:
+                raise BrokerError("message '%s' is not delivered to this connection"
+                                  % message_id)
+            if message.queue.is_dead_letter_queue:
+                raise BrokerError("message '%s' is already in %s: ack it to drop it"
+                                  % (message_id, message.queue.name))
+            del session.held[message_id]
+            session.progress = max(session.progress, message.seq)
+            self._release(message)
+            dead = self._dead_letter(message, "rejected: %s" % reason, events)
+            self._dispatch(message.queue)
+            self._dispatch(dead)
+            self._notify_writers()
+        _log_events(events)
+
+    # -- administration (ciphermq-admin) -------------------------------------------
+
+    def purge(self, queue_name):
+        """Drop every *ready* message of a queue; return how many were dropped.
+
+        Messages in flight stay with their consumers (an ack still settles
+        them).  A purged id is settled like an acked one: it enters the dedup
+        window, so a sender's late retry does not bring it back.  One journal
+        record; the lock is held for O(purged) work.
+        """
+        with self.mutex:
+            queue = self._queue(queue_name)
+            if self.journal is not None:
+                self.journal.check_writable()   # a disk refusing writes refuses it up front
+            purged, queue.ready = list(queue.ready), collections.deque()
+            for message in purged:
+                self._forget_copy(message, journal=False)
+            if purged and self.journal is not None:
+                self.journal.append(recovery.purge_record(
+                    queue.name, [m.id for m in purged], int(self.wall_clock() * 1000)))
+            return len(purged)
+
+    def requeue_dead(self, queue_name):
+        """Move the ready messages of ``<queue>.dead`` back to the end of ``<queue>``.
+
+        Their delivery counts start again from 0, so each gets
+        ``max_deliveries`` new chances.  Returns how many moved.  One journal
+        record; the lock is held for O(moved) work.
+        """
+        with self.mutex:
+            if queue_name.endswith(DEAD_SUFFIX):
+                raise BrokerError("'%s' is a dead-letter queue: name the queue it belongs to"
+                                  % queue_name)
+            queue = self._queue(queue_name)
+            dead = self._queue(queue_name + DEAD_SUFFIX)
+            if self.journal is not None:
+                self.journal.check_writable()
+            moved, dead.ready = list(dead.ready), collections.deque()
+            for message in moved:
+                queue.ready.append(Message(message.id, message.body, queue))
+            if moved:
+                self._record(recovery.requeue_record, dead.name, queue.name,
+                             [m.id for m in moved])
+                self._dispatch(queue)
+            self._notify_writers()
+            return len(moved)
+
+    def peek(self, queue_name, count):
+        """The first ``count`` ready messages of a queue as ``(id, size, delivery_count)``.
+
+        Sizes are envelope bytes; contents never leave the broker this way.
+        Changes nothing.
+        """
+        with self.mutex:
+            queue = self._queue(queue_name)
+            return [(m.id, len(m.body), m.deliveries)
+                    for m in itertools.islice(queue.ready, count)]
 
     # -- the timer's work ---------------------------------------------------
 
@@ -419,24 +586,57 @@ class Broker:
 
         Called by the redelivery thread.  Returns the clock time at which
         it should be called again.
+
+        A delivery overdue at a session that has said nothing since it was
+        made is not counted as failed and not pushed again and again (see the
+        module docstring: stalled consumers); a session that holds messages
+        and has been silent for ``consumer_timeout`` is closed, and its
+        ``hang_up`` callback called (after the lock is released).
         """
-        events = []
+        events, hang_ups = [], []
         with self.mutex:
             now = self.clock() if now is None else now
             next_due = now + self.redelivery_interval
             for session in list(self._sessions):
-                expired = []
-                for message in session.held.values():
+                if not session.held:
+                    continue
+                silent_since = max(session.heard_at,
+                                   min(m.handed_at for m in session.held.values()))
+                if self.consumer_timeout and now - silent_since >= self.consumer_timeout:
+                    hang_ups.append(session.hang_up)
+                    events.append((logging.WARNING, "Consumer %s acked nothing for %.0f s: "
+                                   "disconnecting it, its messages requeued",
+                                   (session.name, self.consumer_timeout)))
+                    self._close(session, events, "consumer timeout")
+                    continue
+                if self.consumer_timeout:
+                    next_due = min(next_due, silent_since + self.consumer_timeout)
+                given_back, waiting = [], 0
+                for message in list(session.held.values()):
                     if message.deadline > now:
                         next_due = min(next_due, message.deadline)
-                        break
-                    expired.append(message)
-                for message in expired:
-                    del session.held[message.id]
-                self._requeue(expired, events, "not acked in time")
+                    elif message.consumer is None or message.push_lost or \
+                            session.progress > message.seq:
+                        del session.held[message.id]    # pulled, lost, or skipped: counted
+                        given_back.append(message)
+                    elif session.heard_at > message.handed_at:
+                        message.deadline = now + self.redelivery_interval   # slow: not there yet
+                        next_due = min(next_due, message.deadline)
+                    else:
+                        session.stalled = True
+                        waiting += self._unstick(session, message, now, events)
+                        next_due = min(next_due, message.deadline)
+                if waiting:
+                    events.append((logging.INFO, "Consumer %s stalled (silent for %.1f s): "
+                                   "%d overdue message(s) wait for it, not counted as failed "
+                                   "deliveries", (session.name, now - silent_since, waiting)))
+                self._requeue(given_back, events, "not acked in time")
             self._expire_acked(now)
             self._notify_writers()
         _log_events(events)
+        for hang_up in hang_ups:
+            if hang_up is not None:
+                hang_up()
         return next_due
 
     # -- durability -----------------------------------------------------------
@@ -469,16 +669,20 @@ class Broker:
                         self._bindings += self._exchanges[exchange].bind(key, self._queues[queue])
                 for message_id, (body, names) in state.live.items():
                     self._live[message_id] = len(names)
+                    self._digests[message_id] = envelope_digest(body)
                     self._live_bytes += len(body)
+                    self._queued_bytes += len(body) * len(names)
                     for name in names:
                         queue = self._declare_queue(name)
-                        queue.ready.append(Message(message_id, body, queue))
-                self._restore_acked(state.acked)
+                        reason = state.reasons.get(message_id) \
+                            if queue.is_dead_letter_queue else None
+                        queue.ready.append(Message(message_id, body, queue, reason))
+                self._restore_acked(state.acked, state.acked_digests)
             finally:
                 self.journal = journal
             return len(state.live)
 
-    def _restore_acked(self, acked):
+    def _restore_acked(self, acked, digests):
         """Acked ids with wall-clock ack times back into the (monotonic) dedup window."""
         now, wall_now_ms = self.clock(), self.wall_clock() * 1000
         for message_id, wall_ms in sorted(acked.items(), key=lambda item: item[1]):
@@ -486,8 +690,11 @@ class Broker:
             if age < self.dedup_window and message_id not in self._acked_at:
                 self._acked_at[message_id] = now - age
                 self._acked_order.append(message_id)
+                digest = digests.get(message_id)
+                if digest is not None:
+                    self._digests.setdefault(message_id, digest)
         while len(self._acked_order) > self.dedup_max_ids:
-            del self._acked_at[self._acked_order.popleft()]
+            self._forget_id(self._acked_order.popleft())
 
     def snapshot_to_journal(self):
         """Journal compaction callback: hand the journal a snapshot and a cut, atomically."""
@@ -503,34 +710,57 @@ class Broker:
             for message in in_flight + [m for q in self._queues.values() for m in q.ready]:
                 entry = state.live.setdefault(message.id, (message.body, []))
                 entry[1].append(message.queue.name)
+                if message.reason is not None:
+                    state.reasons[message.id] = message.reason
             now, wall_now_ms = self.clock(), int(self.wall_clock() * 1000)
             for message_id in self._acked_order:
                 age_ms = int((now - self._acked_at[message_id]) * 1000)
                 state.acked[message_id] = wall_now_ms - age_ms
+                if message_id in self._digests:
+                    state.acked_digests[message_id] = self._digests[message_id]
             self.journal.cut(recovery.snapshot_records(state))
 
     # -- reading ------------------------------------------------------------
 
-    def stats(self):
-        """A snapshot: per-queue ready/unacked/consumers, and running totals."""
+    def stats(self, queue_name=None, limit=STATS_MAX_QUEUES):
+        """A snapshot: ready/unacked/consumers of some queues, running totals, memory.
+
+        ``queues`` holds ``queue_name`` alone if given (empty if unknown),
+        else the first ``limit`` queues in declaration order; ``queue_count``
+        says how many exist.  The work under the lock is O(limit), not
+        O(queues): a broker with many queues answers as fast as one with few.
+        """
         with self.mutex:
+            if queue_name is not None:
+                queue = self._queues.get(queue_name)
+                chosen = [] if queue is None else [queue]
+            else:
+                chosen = itertools.islice(self._queues.values(), limit)
             return {
-                "queues": {name: {"ready": len(q.ready), "unacked": q.unacked,
-                                  "consumers": len(q.consumers)}
-                           for name, q in self._queues.items()},
+                "queues": {q.name: {"ready": len(q.ready), "unacked": q.unacked,
+                                    "consumers": len(q.consumers)} for q in chosen},
+                "queue_count": len(self._queues),
                 "totals": dict(self.totals),
+                "memory": {"queued_bytes": self._queued_bytes, "max_memory": self.max_memory},
             }
 
     # -- internals: only called with the mutex held ----------------------------
 
     def _declare_queue(self, name):
+        """Create a queue.  Every queue counts towards ``max_queues`` except the
+        dead-letter queue of a counted queue (at most one each), so the broker
+        never holds more than twice ``max_queues`` queues."""
         queue = self._queues.get(name)
         if queue is None:
-            queue = self._queues[name] = Queue(name)
-            if not queue.is_dead_letter_queue:
+            if not self._is_dead_letter_of_existing(name):
                 self._declared += 1
+            queue = self._queues[name] = Queue(name)
             self._record(recovery.queue_record, name)
         return queue
+
+    def _is_dead_letter_of_existing(self, name):
+        parent = name[:-len(DEAD_SUFFIX)] if name.endswith(DEAD_SUFFIX) else None
+        return parent in self._queues and not parent.endswith(DEAD_SUFFIX)
 
     def _record(self, make_record, *args):
         """Append a journal record, if there is a journal."""
@@ -554,6 +784,52 @@ class Broker:
             raise BrokerError("unknown exchange '%s'" % name)
         return exchange
 
+    def _heard(self, session):
+        """The session spoke (ack, nack, reject, fetch, consume): it is not stalled."""
+        session.heard_at = self.clock()
+        session.stalled = False
+
+    def _close(self, session, events, reason):
+        """close_session()'s work; returns how many held messages went back."""
+        if session.closed:
+            return 0
+        session.closed = True
+        self._sessions.discard(session)
+        for consumer in session.consumers.values():
+            consumer.queue.consumers.remove(consumer)
+        held = list(session.held.values())
+        session.held.clear()
+        session.pushes = []
+        self._requeue(held, events, reason)
+        session.has_pushes.notify_all()
+        return len(held)
+
+    def _unstick(self, session, message, now, events):
+        """An overdue push to a stalled session: to another consumer, pushed once more, or wait.
+
+        None of these counts as a failed delivery: the consumer never said it
+        could not take the message.  Returns 1 if it waits, else 0.
+        """
+        consumer = message.consumer
+        other = next((c for c in message.queue.consumers
+                      if c.session is not session and not c.session.stalled and c.has_room()
+                      and message.id not in c.session.held), None)
+        if other is None and message.pushed_again:
+            message.deadline = now + self.redelivery_interval    # wait for it
+            return 1
+        del session.held[message.id]
+        self._release(message)
+        if other is not None:
+            events.append((logging.INFO, "Message %s moved from stalled consumer %s to %s",
+                           (message.id, session.name, other.session.name)))
+            self._hand_over(message, other.session, other)
+            return 0
+        message.pushed_again = True         # in case the push itself was lost (chaos)
+        first_handed_at = message.handed_at
+        self._hand_over(message, session, consumer)
+        message.handed_at = first_handed_at     # the consumer timeout runs from the first push
+        return 0
+
     def _dispatch(self, queue):
         """Hand ready messages to consumers with room, round robin."""
         consumers = queue.consumers
@@ -564,17 +840,28 @@ class Broker:
             for _ in range(count):
                 consumer = consumers[queue.next_consumer % count]
                 queue.next_consumer = (queue.next_consumer + 1) % count
-                if consumer.has_room() and message.id not in consumer.session.held:
+                held = consumer.session.held
+                if (consumer.has_room() and not consumer.session.stalled
+                        and len(held) < self.max_unacked and message.id not in held):
                     break
             else:
                 return              # nobody has room (or every session holds this id)
             ready.popleft()
             self._hand_over(message, consumer.session, consumer)
 
+    def _dispatch_consumers_of(self, session):
+        """The session has room again under max_unacked: serve every queue it consumes."""
+        for consumer in list(session.consumers.values()):
+            self._dispatch(consumer.queue)
+
     def _hand_over(self, message, session, consumer):
         message.deliveries += 1
         message.consumer = consumer
-        message.deadline = self.clock() + self.redelivery_interval
+        message.handed_at = self.clock()
+        message.deadline = message.handed_at + self.redelivery_interval
+        self._handovers += 1
+        message.seq = self._handovers
+        message.push_lost = False
         session.held[message.id] = message
         message.queue.unacked += 1
         self.totals["delivered"] += 1
@@ -584,7 +871,7 @@ class Broker:
             consumer.in_flight += 1
             if not session.pushes:
                 self._new_pushes.append(session)
-            session.pushes.append((message.id, message.body, message.deliveries))
+            session.pushes.append((message.id, _delivered_body(message), message.deliveries))
 
     def _notify_writers(self):
         """Leave the pushes made by this call to their sessions' delivery threads."""
@@ -608,36 +895,61 @@ class Broker:
         """Return in-flight messages to the front of their queues, oldest first.
 
         A message that has used up its deliveries goes to ``<queue>.dead``
-        instead (a dead-letter queue never dead-letters again).
+        instead (a dead-letter queue never dead-letters again).  Adds at
+        most two log events however many messages there are: one summary
+        line per kind, naming the first message and the count.
         """
+        if not messages:
+            return
         touched = []
+        requeued, dead_lettered = [], []
         for message in reversed(messages):
             self._release(message)
+            message.returns += 1
+            message.pushed_again = False
             queue = message.queue
-            if message.deliveries >= self.max_deliveries and not queue.is_dead_letter_queue:
-                dead = self._declare_queue(queue.name + DEAD_SUFFIX)
-                dead.ready.append(Message(message.id, message.body, dead))
-                self._record(recovery.dead_letter_record, message.id, queue.name, dead.name)
-                self.totals["dead_lettered"] += 1
-                events.append((logging.WARNING,
-                               "Message %s dead-lettered to %s after %d deliveries",
-                               (message.id, dead.name, message.deliveries)))
+            if message.returns >= self.max_deliveries and not queue.is_dead_letter_queue:
+                dead = self._dead_letter(message, "given back %d times" % message.returns)
+                dead_lettered.append((message.id, dead.name, message.returns))
                 touched.append(dead)
             else:
                 queue.ready.appendleft(message)
-                events.append((logging.INFO, "Message %s requeued to %s for redelivery (%s)",
-                               (message.id, queue.name, reason)))
+                requeued.append((message.id, queue.name))
             if queue not in touched:
                 touched.append(queue)
         for queue in touched:
             self._dispatch(queue)
+        if dead_lettered:
+            first = dead_lettered[-1]       # the oldest (the loop ran newest first)
+            events.append((logging.WARNING, "%d message(s) dead-lettered (first: %s to %s, "
+                           "given back %d times)", (len(dead_lettered),) + first))
+        if requeued:
+            events.append((logging.INFO, "%d message(s) requeued for redelivery (%s; "
+                           "first: %s to %s)", (len(requeued), reason) + requeued[-1]))
 
-    def _forget_copy(self, message):
-        """One copy acked; when none is left the id enters the dedup window."""
+    def _dead_letter(self, message, reason, events=None):
+        """Put a copy (already out of any session) in ``<queue>.dead``; returns that queue.
+
+        With ``events``, adds a log line for it; without, the caller summarises.
+        """
+        queue = message.queue
+        dead = self._declare_queue(queue.name + DEAD_SUFFIX)
+        dead.ready.append(Message(message.id, message.body, dead, reason))
+        self._record(recovery.dead_letter_record, message.id, queue.name, dead.name, reason)
+        self.totals["dead_lettered"] += 1
+        if events is not None:
+            events.append((logging.WARNING, "Message %s dead-lettered to %s (%s)",
+                           (message.id, dead.name, reason)))
+        return dead
+
+    def _forget_copy(self, message, journal=True):
+        """One copy acked (or purged); when none is left the id enters the dedup window."""
         message_id = message.id
-        if self.journal is not None:
+        if journal and self.journal is not None:
             self.journal.append(recovery.ack_record(message_id, message.queue.name,
-                                                    int(self.wall_clock() * 1000)))
+                                                    int(self.wall_clock() * 1000),
+                                                    self._digests.get(message_id)))
+        self._queued_bytes -= len(message.body)
         left = self._live[message_id] - 1
         if left:
             self._live[message_id] = left
@@ -648,13 +960,32 @@ class Broker:
             self._acked_at[message_id] = self.clock()
             self._acked_order.append(message_id)
             if len(self._acked_order) > self.dedup_max_ids:
-                del self._acked_at[self._acked_order.popleft()]
+                self._forget_id(self._acked_order.popleft())
 
     def _expire_acked(self, now):
         order, acked_at = self._acked_order, self._acked_at
         cutoff = now - self.dedup_window
         while order and acked_at[order[0]] <= cutoff:
-            del acked_at[order.popleft()]
+            self._forget_id(order.popleft())
+
+    def _forget_id(self, message_id):
+        """An id leaves the dedup window (its digest too, unless it is live again)."""
+        del self._acked_at[message_id]
+        if message_id not in self._live:
+            self._digests.pop(message_id, None)
+
+
+def envelope_digest(body):
+    """What an id is bound to: 16 bytes of BLAKE2b over the envelope bytes."""
+    return hashlib.blake2b(body, digest_size=16).digest()
+
+
+def _delivered_body(message):
+    """The envelope as delivered: a dead-lettered copy carries ``"dead_reason"``."""
+    if message.reason is None:
+        return message.body
+    return b"%s, \"dead_reason\": %s}" % (message.body[:-1],
+                                           json.dumps(message.reason).encode("ascii"))
 
 
 def _log_events(events):

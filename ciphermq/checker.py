@@ -137,7 +137,15 @@ class Tally:
         if self.dropped:
             lines.append("❌ [CHECKER] %d dropped: attempted, never ACKed, in no outbox and "
                          "not in the output: %s" % (len(self.dropped), _some(self.dropped)))
-        if self.ok:
+        if self.rejected:
+            lines.append("🚫 [CHECKER] %d rejected: refused by the receiver (stale, tampered, "
+                         "unsigned...), not stored; reasons in the rejects file and "
+                         "<queue>.dead: %s" % (len(self.rejected), _some(sorted(self.rejected))))
+        if self.ok and self.rejected:
+            lines.append("⚠️ [CHECKER] 0 lost, 0 duplicated, but not all delivered: every "
+                         "ACKed message is in the output exactly once, except %d rejected"
+                         % len(self.rejected))
+        elif self.ok:
             lines.append("✅ [CHECKER] 0 lost, 0 duplicated: every ACKed message is in the "
                          "output exactly once")
         return lines

@@ -10,14 +10,25 @@ import signal
 import sys
 import threading
 
+from . import amqp, brokers, urls
 from .client import check_auth
-from .errors import UsageError
+from .errors import MissingDependency, UsageError
 from .transport import client_tls_context
 
 
-def add_connection_arguments(parser, *, default_port=5672):
-    """Add the options every client script shares: broker address, TLS, auth, heartbeat."""
+def add_connection_arguments(parser, *, default_port=5672, declare=()):
+    """Add the options every client script shares: broker URL or address, TLS, auth,
+    heartbeat, and the RabbitMQ topology.
+
+    ``declare`` names the topology options (``"exchange"``, ``"routing_key"``,
+    ``"queue"``) the script does not define itself but needs to declare the
+    topology on RabbitMQ.
+    """
     group = parser.add_argument_group("connection")
+    group.add_argument("--url", action="append", type=urls.url_argument, metavar="URL",
+                       help="broker URL: ciphermq://host:port (our broker), "
+                            "amqp://user:pass@host:port/vhost or amqps://... (RabbitMQ); "
+                            "repeat for a failover list (default: ciphermq://HOST:PORT)")
     group.add_argument("--host", default="127.0.0.1", help="broker address (default %(default)s)")
     group.add_argument("--port", type=int, default=default_port,
                        help="broker port (default %(default)s)")
@@ -32,13 +43,29 @@ def add_connection_arguments(parser, *, default_port=5672):
                        help="authenticate as NAME (token here, or better from --token-file)")
     group.add_argument("--token-file", metavar="PATH",
                        help="file whose first line is the --auth token")
+    rabbit = parser.add_argument_group("RabbitMQ topology (amqp:// URLs; both scripts declare it)")
+    defaults = amqp.Topology()
+    if "exchange" in declare:
+        rabbit.add_argument("--exchange", default=defaults.exchange,
+                            help="exchange the queue is bound to (default %(default)s)")
+    if "routing_key" in declare:
+        rabbit.add_argument("--routing-key", default=defaults.routing_key,
+                            help="binding key of the queue (default %(default)s)")
+    if "queue" in declare:
+        rabbit.add_argument("--queue", default=defaults.queue,
+                            help="quorum queue bound to the exchange (default %(default)s)")
+    rabbit.add_argument("--exchange-type", choices=amqp.EXCHANGE_TYPES,
+                        default=defaults.exchange_type, help="(default %(default)s)")
+    rabbit.add_argument("--max-deliveries", type=positive_int, default=defaults.max_deliveries,
+                        metavar="N", help="deliveries of a message before RabbitMQ moves it to "
+                                          "<queue>.dead (default %(default)s)")
 
 
 def connection_options(args):
-    """Keyword arguments for :func:`ciphermq.client.connect` from the parsed options.
+    """Keyword arguments for :func:`ciphermq.brokers.connect_any` from the parsed options.
 
-    Raises UsageError for options that do not fit together and for TLS or
-    token files that cannot be read or used.
+    Raises UsageError for options that do not fit together, for TLS or token
+    files that cannot be read or used, and for amqp:// URLs without pika.
     """
     try:
         return _connection_options(args)
@@ -65,7 +92,21 @@ def _connection_options(args):
     elif args.token_file:
         raise UsageError("--token-file needs --auth NAME")
     heartbeat = args.heartbeat if args.heartbeat > 0 else None
-    return {"host": args.host, "port": args.port, "tls_context": tls, "auth": auth,
+    failover = brokers.failover_for(args.host, args.port, args.url)
+    topology = None
+    if failover.urls[0].kind == "amqp":
+        try:
+            amqp.require_pika()
+        except MissingDependency as exc:        # says how to install it
+            raise UsageError(str(exc)) from None
+        if auth is not None:
+            raise UsageError("--auth is for ciphermq:// brokers; put RabbitMQ's user and "
+                             "password in the amqp:// URL")
+        if tls is not None and not all(url.tls for url in failover.urls):
+            raise UsageError("--tls-* options need amqps:// URLs")
+        topology = amqp.Topology(args.exchange, args.exchange_type, args.queue,
+                                 args.routing_key, args.max_deliveries).check()
+    return {"failover": failover, "topology": topology, "tls_context": tls, "auth": auth,
             "heartbeat": heartbeat}
 
 
@@ -89,6 +130,9 @@ def configure_logging(verbose):
     """Library log lines on stderr: INFO with -v, else warnings only."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    # pika logs every refused connection and lost node as an error with a traceback;
+    # the scripts say it in one status line.  -v shows its warnings.
+    logging.getLogger("pika").setLevel(logging.WARNING if verbose else logging.CRITICAL)
 
 
 def stop_on_signals():

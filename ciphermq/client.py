@@ -313,6 +313,20 @@ class Client:
                 "ack %s" % message_id, protocol.ack_confirmed_reply(message_id)[:-1])))
         return self._send(commands)
 
+    def reject_many(self, refusals):
+        """Send ``reject <id> <reason>`` for ``(id, reason)`` pairs in one write; their Replies.
+
+        The broker moves each message to ``<queue>.dead`` with its reason and
+        answers ``REJECT_CONFIRMED <id>``.
+        """
+        commands = []
+        for message_id, reason in refusals:
+            raw = _name(message_id, "message id")
+            text = " ".join(str(reason).split()).encode("ascii", "replace")
+            commands.append((b"reject %s %s\n" % (raw, text), Reply(
+                "reject %s" % message_id, protocol.reject_confirmed_reply(message_id)[:-1])))
+        return self._send(commands)
+
     def ack(self, message_id, timeout=None):
         """Ack and block until ``ACK_CONFIRMED <id>``; raises like :meth:`call`."""
         self.ack_async(message_id).result(self._wait(timeout))

@@ -17,10 +17,11 @@ class ServerConfig:
     port: int = 5672                     # the document's port
     redelivery_interval: float = 30.0    # unacked deliveries come back after this
     max_deliveries: int = 10             # then the message goes to <queue>.dead
+    consumer_timeout: float = 300.0      # drop a consumer silent this long with messages (0: never)
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     max_connections: int = 2048
     max_queue_length: int = 1_000_000    # ready + unacked, per queue
-    max_queues: int = 10_000             # declared queues (dead-letter queues not counted)
+    max_queues: int = 10_000             # queues, <name>.dead included (see below)
     max_exchanges: int = 1_000
     max_bindings: int = 10_000           # over all exchanges
     max_extra_fields: int = 32           # envelope fields beyond the five required ones
@@ -42,6 +43,13 @@ class ServerConfig:
     tls_cert: Optional[str] = None       # TLS: server certificate chain (PEM) ...
     tls_key: Optional[str] = None        # ... and its private key
     tls_client_ca: Optional[str] = None  # require client certificates signed by this CA
+    # -- broker-wide bounds against hostile clients (issue 11; docs/SECURITY.md) --
+    # max_queues counts every queue a client can create, ".dead" names included;
+    # only the dead-letter queue of a counted queue is free (at most one each).
+    max_memory: int = 512 * 1024 * 1024  # queued envelope bytes, every copy counted
+    max_unacked: int = 10_000            # unacked messages one connection holds
+    login_failure_limit: int = 20        # failed logins per source address ...
+    login_failure_window: float = 60.0   # ... per this many seconds; then refused unchecked
     chaos: Optional[str] = None          # fault injection spec (ciphermq/chaos.py); None: off
     chaos_seed: Optional[int] = None
     http_port: Optional[int] = None      # the dashboard (ciphermq/dashboard.py); None: off

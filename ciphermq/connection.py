@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 #: Replies that promise a record is on disk (see Connection._sync).
 _NEEDS_THE_DISK = (b"ACK ", protocol.QUEUE_DECLARED, protocol.EXCHANGE_DECLARED,
-                   protocol.QUEUE_BOUND)
+                   protocol.QUEUE_BOUND, b"Purged ", b"Requeued ")
 
 
 class Connection(socketserver.BaseRequestHandler):
@@ -80,7 +80,8 @@ class Connection(socketserver.BaseRequestHandler):
         self.transport = None
         #: Who this is; None until authenticated when the broker has --users.
         self.principal = ANONYMOUS if self.server.users is None else None
-        self.session = self.broker.open_session(self.peer, write_pushes=self.write_pushes)
+        self.session = self.broker.open_session(self.peer, write_pushes=self.write_pushes,
+                                                hang_up=self.close)
         self._replies = []          # replies to the commands of the current read
         self._group_kind = None     # "publish" or "ack": the kind waiting in _group
         self._group = []            # (parsed command, its slot in _replies)
@@ -369,8 +370,12 @@ class Connection(socketserver.BaseRequestHandler):
     def _push_lines(self, batch):
         """The ``Message:`` lines for a batch of deliveries (chaos may lose some)."""
         if self.chaos:
-            batch = [delivery for delivery in batch if not self.chaos.strikes(
+            kept = [delivery for delivery in batch if not self.chaos.strikes(
                 "drop-delivery", "losing the push of message %s" % delivery[0])]
+            if len(kept) < len(batch):      # send_lock -> broker.mutex: the documented order
+                lost = {delivery[0] for delivery in batch} - {d[0] for d in kept}
+                self.broker.lose_pushes(self.session, lost)
+            batch = kept
         message_line = protocol.message_line
         return b"".join([message_line(*delivery) for delivery in batch])
 
@@ -429,10 +434,14 @@ class Connection(socketserver.BaseRequestHandler):
             raise ProtocolError("already authenticated as %s" % self.principal.name)
         self._hang_up = True        # one attempt per connection: any failure disconnects
         name, token = protocol.split_args(args, "auth <name> <token>", 2)
+        guard, address = self.server.login_guard, self.client_address[0]
+        if not guard.allowed(address):
+            guard.failed(address, self.peer, refused=True)
+            raise ProtocolError("too many failed logins from this address; try again later")
         principal = users.authenticate(name.decode("utf-8", "replace"),
                                        token.decode("utf-8", "replace"))
         if principal is None:
-            log.warning("Authentication failed from %s", self.peer)
+            guard.failed(address, self.peer)
             raise ProtocolError("authentication failed")
         self._hang_up = False
         self.principal = principal
@@ -507,14 +516,44 @@ class Connection(socketserver.BaseRequestHandler):
         self.broker.nack(self.session, message_id)
         self._replies.append(protocol.nack_confirmed_reply(message_id))
 
+    def do_reject(self, args):
+        message_id, reason = protocol.parse_reject(args)
+        self.broker.reject(self.session, message_id, reason)
+        self._must_sync = True      # the move to <queue>.dead is journaled
+        self._replies.append(protocol.reject_confirmed_reply(message_id))
+
     def do_stats(self, args):
-        protocol.split_args(args, "stats", 0)
+        words = protocol.split_args(args, "stats [queue]", 0, 1)
+        queue = protocol.parse_name(words[0], "queue") if words else None
         self.principal.check_configure()
-        self._replies.append(protocol.stats_reply(self.broker.stats()))
+        self._replies.append(protocol.stats_reply(self.broker.stats(queue)))
 
     def do_ping(self, args):
         protocol.split_args(args, "ping", 0)
         self._replies.append(protocol.PONG)
+
+    # -- administration (ciphermq-admin); the admin right with --users ---------
+
+    def do_purge(self, args):
+        (raw_queue,) = protocol.split_args(args, "purge <queue>", 1)
+        queue = protocol.parse_name(raw_queue, "queue")
+        self.principal.check_admin()
+        self._replies.append(protocol.purged_reply(self.broker.purge(queue)))
+        self._must_sync = True
+
+    def do_requeue_dead(self, args):
+        (raw_queue,) = protocol.split_args(args, "requeue_dead <queue>", 1)
+        queue = protocol.parse_name(raw_queue, "queue")
+        self.principal.check_admin()
+        self._replies.append(protocol.requeued_reply(self.broker.requeue_dead(queue)))
+        self._must_sync = True
+
+    def do_peek(self, args):
+        words = protocol.split_args(args, "peek <queue> [n]", 1, 2)
+        queue = protocol.parse_name(words[0], "queue")
+        count = protocol.parse_peek_count(words[1]) if len(words) > 1 else protocol.DEFAULT_PEEK
+        self.principal.check_admin()
+        self._replies.append(protocol.peek_reply(queue, self.broker.peek(queue, count)))
 
     #: Commands queued and run as a group (see _run_group).
     GROUPED = (do_publish, do_ack)
@@ -529,6 +568,10 @@ class Connection(socketserver.BaseRequestHandler):
         "fetch": do_fetch,
         "ack": do_ack,
         "nack": do_nack,
+        "reject": do_reject,
         "stats": do_stats,
         "ping": do_ping,
+        "purge": do_purge,
+        "requeue_dead": do_requeue_dead,
+        "peek": do_peek,
     }

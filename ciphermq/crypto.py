@@ -394,11 +394,23 @@ def _decoded(text, field, *, size=None, limit=None):
         raw = base64.b64decode(text, validate=True)
     except ValueError:                          # binascii.Error, or non-ASCII text
         raise _Refused("'%s' is not valid base64" % field) from None
+    if text.endswith("=") and text[-4:] != _last_quantum(raw):
+        raise _Refused("'%s' has non-zero base64 padding bits" % field)
     if size is not None and len(raw) != size:
         raise _Refused("'%s' has %d bytes, expected %d" % (field, len(raw), size))
     if limit is not None and len(raw) > limit:
         raise _Refused("'%s' is over %d bytes" % (field, limit))
     return raw
+
+
+def _last_quantum(raw):
+    """The canonical encoding of ``raw``'s last 1-3 bytes: what an encoder ends with.
+
+    ``QQ==`` and ``QR==`` decode alike; refusing all but the canonical text
+    means an envelope's bytes cannot change while its decoded value stays the same.
+    """
+    tail = len(raw) % 3 or 3
+    return base64.b64encode(raw[-tail:]).decode("ascii")
 
 
 # -- the design document's names -------------------------------------------

@@ -61,6 +61,7 @@ _ENVELOPE_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_const
                                      parse_int=_bounded_int, parse_float=_finite_float)
 #: Everything base64 text may hold ("=" only as padding, checked separately).
 _BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
+_BASE64_VALUE = {char: value for value, char in enumerate(_BASE64_ALPHABET[:64].decode())}
 
 
 class EnvelopeLimits(collections.namedtuple("EnvelopeLimits", "max_extra_fields max_json_depth")):
@@ -104,7 +105,7 @@ def parse_envelope(raw, limits=None):
     if "".join(crypto_text).encode("utf-8", "replace").translate(None, _BASE64_ALPHABET):
         _refuse_base64(crypto_text)
     for text in crypto_text:
-        if "=" in text.rstrip("=") or text.endswith("==="):
+        if "=" in text.rstrip("=") or text.endswith("===") or not canonical_padding(text):
             _refuse_base64(crypto_text)
     if len(envelope) > len(ENVELOPE_FIELDS):
         _check_extra_fields(envelope, limits or DEFAULT_ENVELOPE_LIMITS)
@@ -122,10 +123,30 @@ def _refuse_required_fields(values):
             raise ProtocolError("field '%s' must be a string" % field)
 
 
+def canonical_padding(text):
+    """True if base64 ``text`` is whole quanta whose padding bits are zero.
+
+    ``QQ==`` and ``QR==`` decode to the same byte; only the first is what
+    an encoder writes.  Accepting both would let an envelope's bytes change
+    while its decoded value stays the same, so only the canonical form
+    passes.  O(1): it looks at the last quantum only.  Assumes the alphabet
+    and the place of ``=`` were checked already.  (Text whose length is not
+    a multiple of four is left to the receiver, whose strict decoder refuses
+    it; tests here use such one-letter stand-ins for the crypto fields.)
+    """
+    if not text.endswith("="):
+        return True
+    data = text.rstrip("=")
+    if not data:                    # padding with nothing to pad
+        return False
+    mask = 0x0F if len(text) - len(data) == 2 else 0x03
+    return not _BASE64_VALUE[data[-1]] & mask
+
+
 def _refuse_base64(crypto_text):
     """Name the field that failed the fast check (the slow, obvious way)."""
     for field, text in zip(ENVELOPE_FIELDS[1:], crypto_text):
-        if not re.fullmatch(r"[A-Za-z0-9+/]*={0,2}", text):
+        if not re.fullmatch(r"[A-Za-z0-9+/]*={0,2}", text) or not canonical_padding(text):
             raise ProtocolError("field '%s' must be base64 text" % field)
     raise ProtocolError("crypto fields must be base64 text")
 

@@ -79,6 +79,15 @@ class ConnectionLost(CipherMQError):
     """Client side: the connection to the broker failed or closed."""
 
 
+class Nacked(ConnectionLost):
+    """RabbitMQ nacked a publish: send it again, on a fresh connection (see amqp.py).
+
+    Not the message's fault -- a quorum queue electing a new leader nacks a
+    burst of publishes -- so the sender waits a moment instead of counting an
+    attempt for each nack.
+    """
+
+
 class TransportError(CipherMQError):
     """The TLS handshake failed or timed out."""
 
@@ -104,6 +113,10 @@ class UsageError(CipherMQError, ValueError):
     """
 
 
+class UrlError(UsageError):
+    """A --url value that cannot be used; the message says why."""
+
+
 class KeyFileError(UsageError):
     """A key file cannot be read, or holds no usable key of the kind asked for."""
 
@@ -115,5 +128,22 @@ class CorruptFile(CipherMQError):
     nothing is cut off and the owner refuses to go on (the file needs a human)."""
 
 
+class OutputWriteFailed(CipherMQError):
+    """The receiver could not write or fsync its output (or rejects) file: full disk, I/O
+    error.  What that write covered was not acked; the receiver stops."""
+
+    def __init__(self, path, cause):
+        self.path, self.cause = path, cause
+        super().__init__("cannot write %s: %s" % (path, describe_os_error(cause)))
+
+
 class CheckError(CipherMQError):
     """An input the checker cannot use: unreadable, corrupt, or missing its records."""
+
+
+class MissingDependency(CipherMQError):
+    """An optional dependency (pika, for amqp:// URLs) is not installed; says how to install it."""
+
+
+class RabbitMQUnavailable(CipherMQError, RuntimeError):
+    """RabbitMQ (or pika, needed to talk to it) is not installed or did not start."""

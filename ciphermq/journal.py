@@ -23,6 +23,8 @@ read as it is)::
     P <id> <queue>[,<queue>...] <json> message stored in these queues
     A <id> <queue>|* <wall ms>         copy acked (``*``: an id kept for dedup only)
     D <id> <from queue> <to queue>     copy dead-lettered
+    U <queue> <id>[,<id>...] <wall ms> ready copies purged (settled like acks)
+    R <dead queue> <queue> <id>[,...]  copies moved back from a dead-letter queue
 
 Names never contain spaces or commas and the envelope JSON never contains a
 newline (the protocol guarantees both), so a record is one line.

@@ -45,6 +45,16 @@ QUEUE_GAUGES = {
 
 CONNECTIONS = ("ciphermq_connections", "Open client connections to the broker.")
 
+#: Broker-wide gauges: (stats key, sub-key or None) -> (Prometheus gauge name, help text).
+BROKER_GAUGES = {
+    ("memory", "queued_bytes"): ("ciphermq_queued_bytes",
+                                 "Envelope bytes of every queued or unacked copy (--max-memory "
+                                 "bounds it)."),
+    ("memory", "max_memory"): ("ciphermq_max_memory_bytes", "The --max-memory limit."),
+    ("queue_count", None): ("ciphermq_queues",
+                            "Queues that exist (the per-queue gauges list at most 100)."),
+}
+
 #: The rates the dashboard draws (totals keys), in legend order.
 RATES = ("published", "delivered", "acked", "redelivered", "dead_lettered")
 
@@ -158,4 +168,10 @@ def exposition(snapshot):
         family(name, "gauge", help_text,
                [((("queue", queue),), counts[key]) for queue, counts in queues])
     family(CONNECTIONS[0], "gauge", CONNECTIONS[1], [((), snapshot.get("connections", 0))])
+    for (key, sub_key), (name, help_text) in BROKER_GAUGES.items():
+        value = snapshot.get(key)
+        if sub_key is not None and value is not None:
+            value = value.get(sub_key)
+        if value is not None:
+            family(name, "gauge", help_text, [((), value)])
     return "\n".join(lines) + "\n"

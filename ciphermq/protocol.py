@@ -26,6 +26,9 @@ _BINDING_KEY = re.compile(rb"[A-Za-z0-9._:*#-]{1,255}")
 
 EXCHANGE_TYPES = ("direct", "fanout", "topic")
 MAX_PREFETCH = 65535
+#: ``peek <queue> [n]``: how many messages by default, and at most.
+DEFAULT_PEEK = 10
+MAX_PEEK = 1000
 
 
 class LineTooLong:
@@ -169,6 +172,13 @@ def parse_prefetch(raw):
     return int(raw)
 
 
+def parse_peek_count(raw):
+    """The ``n`` of ``peek <queue> [n]``: 1..MAX_PEEK."""
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PEEK:
+        raise ProtocolError("peek count must be 1 to %d, got %s" % (MAX_PEEK, quote(raw)))
+    return int(raw)
+
+
 def parse_publish(args, limits=None):
     """Parse ``<exchange> <routing_key> <json>``; return (exchange, key, message_id, body).
 
@@ -184,6 +194,22 @@ def parse_publish(args, limits=None):
     routing_key = parse_routing_key(parts[1])
     message_id, body = parse_envelope(parts[2].rstrip(), limits)
     return exchange, routing_key, message_id, body
+
+
+#: The longest reason a ``reject`` may give (printable ASCII; longer is cut).
+MAX_REJECT_REASON = 200
+
+
+def parse_reject(args):
+    """Parse ``<message_id> [reason]``; return (message_id, reason as printable ASCII)."""
+    parts = args.split(None, 1)
+    if not parts:
+        raise ProtocolError("usage: reject <message_id> [reason]")
+    message_id = parse_name(parts[0], "message id")
+    raw = parts[1].strip() if len(parts) > 1 else b""
+    reason = " ".join(raw.decode("ascii", "replace").replace("\ufffd", "?").split())
+    reason = "".join(ch if ch.isprintable() else "?" for ch in reason)[:MAX_REJECT_REASON]
+    return message_id, reason or "no reason given"
 
 
 def quote(raw, limit=40):
@@ -216,6 +242,10 @@ def nack_confirmed_reply(message_id):
     return b"NACK_CONFIRMED %s\n" % message_id.encode("ascii")
 
 
+def reject_confirmed_reply(message_id):
+    return b"REJECT_CONFIRMED %s\n" % message_id.encode("ascii")
+
+
 def error_reply(text):
     """``Error: <text>`` -- one line, whatever the text holds."""
     return b"Error: %s\n" % " ".join(str(text).split()).encode("utf-8", "replace")
@@ -233,3 +263,18 @@ def message_line(message_id, body, delivery_count):
 
 def stats_reply(stats):
     return json.dumps(stats, separators=(",", ":"), sort_keys=True).encode("ascii") + b"\n"
+
+
+def purged_reply(count):
+    return b"Purged %d\n" % count
+
+
+def requeued_reply(count):
+    return b"Requeued %d\n" % count
+
+
+def peek_reply(queue, messages):
+    """One JSON line: ids, sizes and delivery counts -- never contents."""
+    return json.dumps({"queue": queue, "messages": [
+        {"id": message_id, "size": size, "delivery_count": count}
+        for message_id, size, count in messages]}, separators=(",", ":")).encode("ascii") + b"\n"

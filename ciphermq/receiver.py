@@ -1,20 +1,24 @@
 """The receiver's machinery: exactly once, by storing and fsyncing before acking.
 
 ``bin/Receiver.py`` reads like the design document; what it calls lives here.
-The output file (one JSON object per line: message_id, message, timestamp)
-is also the dedup store -- the document's ``processed_messages`` -- rebuilt
-from the file at start (:class:`ciphermq.store.MessageStore`).  For every
-message, :meth:`Receiver.store_then_ack` does, in this order::
+The output file (one JSON object per line: message_id, message, timestamp,
+envelope_digest) is also the dedup store -- the document's
+``processed_messages`` -- rebuilt from the file at start
+(:class:`ciphermq.store.MessageStore`).  For every message,
+:meth:`Receiver.store_then_ack` does, in this order::
 
     dedup check -> decrypt -> append -> flush + fsync -> ack
 
 so nothing is acked before its record is durable.  The messages that arrive
 together (up to ``ack_batch``) share one fsync, then their acks go out in one
-write.  A duplicate is not written again but is acked; an envelope that does
-not open is recorded in the rejects file with the reason, and acked, so it
-never comes back.  ``ACK_CONFIRMED`` is awaited without ever blocking the
-reading of new messages (:meth:`Receiver.tend_acks`); an unconfirmed ack is
-sent again after ``ack_timeout``, :data:`ATTEMPTS` sends in all, then given
+write.  A duplicate is not written again but is acked.  An envelope the
+receiver refuses (it does not open, is tampered, unsigned when a signature is
+required, older than ``--max-age``) is recorded in the rejects file with the
+reason, fsynced, and then *rejected* -- ``reject <id> <reason>``, which moves
+it to ``<queue>.dead`` with that reason -- never acked away.
+``ACK_CONFIRMED`` (or ``REJECT_CONFIRMED``) is awaited without ever blocking
+the reading of new messages (:meth:`Receiver.tend_acks`); an unconfirmed ack
+is sent again after ``ack_timeout``, :data:`ATTEMPTS` sends in all, then given
 up with a warning (the message is durable; a redelivery would be
 deduplicated).  docs/CLIENTS.md explains why this yields exactly once.
 
@@ -31,14 +35,16 @@ tests.
 import collections
 import concurrent.futures
 import datetime
+import hashlib
+import json
 import os
 import queue
 import sys
 import time
 from pathlib import Path
 
-from . import client
-from .errors import ConnectionLost, ServerError, UsageError
+from .brokers import connect_any
+from .errors import ConnectionLost, OutputWriteFailed, ServerError, UsageError
 from .store import JsonLinesFile, MessageStore, encode
 
 ATTEMPTS = 3                # sends of one ack before giving up on its confirmation
@@ -51,6 +57,11 @@ STOP_CHECK = 0.25
 CRASH_ENV = "CIPHERMQ_CRASH_AT"
 CRASH_POINTS = ("before-write", "mid-write", "after-write", "after-fsync", "after-ack")
 CRASHED = 70                # the exit status of a crash at a CRASH_POINT
+WRITE_FAILED = 74           # the output or rejects file could not be written (EX_IOERR)
+#: The reject reason for a known id that arrives with another envelope.
+REUSED_ID = "message_id already used for different content"
+#: Fields the broker adds to an envelope on delivery: not part of what the id binds.
+_DELIVERY_FIELDS = ("delivery_count", "dead_reason")
 
 
 class CrashHook:
@@ -81,13 +92,14 @@ class CrashHook:
 class Outstanding:
     """An ack waiting for its ACK_CONFIRMED."""
 
-    __slots__ = ("message_id", "reply", "attempts", "deadline")
+    __slots__ = ("message_id", "reply", "attempts", "deadline", "reason")
 
-    def __init__(self, message_id, reply, attempts, deadline):
+    def __init__(self, message_id, reply, attempts, deadline, reason=None):
         self.message_id = message_id
         self.reply = reply
         self.attempts = attempts
         self.deadline = deadline
+        self.reason = reason        # not None: a reject (REJECT_CONFIRMED), not an ack
 
 
 class Report:
@@ -125,7 +137,7 @@ class Report:
 
     def refused(self, message_id, rejects_path):
         self.rejected += 1
-        self.say("🚫 [RECEIVER] Message %s rejected (reason in %s), sending ACK"
+        self.say("🚫 [RECEIVER] Message %s rejected (reason in %s), sending REJECT"
                  % (message_id, rejects_path))
 
     def stored(self, message_id):
@@ -209,7 +221,8 @@ class Receiver:
         while not self.finished():
             connection = None
             try:
-                connection = client.Client(timeout=self.ack_timeout, **self.connect_options)
+                connection = connect_any(attempts=1, timeout=self.ack_timeout,
+                                         **self.connect_options)
                 connection.consume(self.queue_name, self.prefetch)
             except (ConnectionLost, TimeoutError) as exc:
                 if connection is not None:
@@ -270,39 +283,51 @@ class Receiver:
 
         1. dedup check  2. decrypt  3. append  4. flush + fsync  5. ack.
         A crash before 5 leaves the message unacked (the broker delivers it
-        again, and 1 recognises it); a crash after 4 cannot lose it.
+        again, and 1 recognises it); a crash after 4 cannot lose it.  A write
+        or fsync that fails (full disk, I/O error) raises OutputWriteFailed
+        before anything of the batch is acked or rejected.
         """
         opened = self._decrypt_new(batch)       # 2. decrypt, all at once: ids not in the store
-        to_ack, saved, rejected = [], [], False
-        in_batch = set()                            # ids appended, not yet durable
+        to_ack, saved, to_reject = [], [], []
+        in_batch = {}                               # id -> digest: appended, not yet durable
         timestamp = _now()                          # one batch, one fsync: one time of storing
         for delivery in batch:
             if self._enough():
                 break                       # the rest stay unacked: the broker keeps them
             message_id = delivery.message_id
             self.report.received(delivery)
-            to_ack.append(message_id)
+            digest = envelope_digest(delivery.body)
             if message_id in self.store or message_id in in_batch:       # 1. dedup check
+                known = in_batch[message_id] if message_id in in_batch \
+                    else self.store.digest(message_id)
+                if None not in (known, digest) and known != digest:
+                    self._reject(message_id, REUSED_ID, timestamp)      # another envelope
+                    to_reject.append((message_id, REUSED_ID))
+                    continue
                 self.report.duplicate(message_id)
+                to_ack.append(message_id)
                 continue
-            in_batch.add(message_id)
+            in_batch[message_id] = digest
             message, reason = opened[message_id]
             if message is None:
                 self._reject(message_id, reason, timestamp)
-                rejected = True
+                to_reject.append((message_id, reason))
                 continue
+            to_ack.append(message_id)
             self.new += 1
-            self._append(message_id, message, timestamp)                  # 3. append
+            self._written(self.store, self._append, message_id, message, timestamp,
+                          digest)                                         # 3. append
             saved.append(message_id)
-        if rejected:
-            self.rejects.sync()
+        if to_reject:
+            self._written(self.rejects, self.rejects.sync)  # recorded before the broker is told
         if saved:
-            self.store.sync()                                             # 4. flush + fsync
+            self._written(self.store, self.store.sync)                    # 4. flush + fsync
             self.last_new = time.monotonic()
         self.hook.check("after-fsync", self.new)
         for message_id in saved:
             self.report.stored(message_id)
         self._send_acks(to_ack, attempt=1)                                # 5. ack
+        self._send_rejects(to_reject, attempt=1)                          # ... or reject
         self.hook.check("after-ack", self.new)
 
     def _decrypt_new(self, batch):
@@ -321,23 +346,31 @@ class Receiver:
             return dict(zip(fresh, map(self.decrypt, deliveries)))
         return dict(zip(fresh, self.decryptors.map(self.decrypt, deliveries)))
 
-    def _append(self, message_id, message, timestamp):
+    def _append(self, message_id, message, timestamp, digest=None):
         self.hook.check("before-write", self.new)
         if self.hook.armed("mid-write", self.new):
             line = encode({"message_id": message_id, "message": message, "timestamp": timestamp})
             self.store.write(line[:len(line) // 2])
             self.store.flush()
             self.hook.check("mid-write", self.new)
-        self.store.add(message_id, message, timestamp)
+        self.store.add(message_id, message, timestamp, digest)
         if self.hook.armed("after-write", self.new):
             self.store.flush()
             self.hook.check("after-write", self.new)
 
     def _reject(self, message_id, reason, timestamp):
         if self.rejects is None:
-            self.rejects = JsonLinesFile(self.rejects_path)
-        self.rejects.append({"message_id": message_id, "reason": reason, "timestamp": timestamp})
+            self.rejects = self._written(self.rejects_path, JsonLinesFile, self.rejects_path)
+        self._written(self.rejects, self.rejects.append,
+                      {"message_id": message_id, "reason": reason, "timestamp": timestamp})
         self.report.refused(message_id, self.rejects_path)
+
+    def _written(self, file, write, *args):
+        """``write(*args)``; an OSError becomes OutputWriteFailed naming ``file``'s path."""
+        try:
+            return write(*args)
+        except OSError as exc:
+            raise OutputWriteFailed(getattr(file, "path", file), exc) from None
 
     # -- acks and their confirmations ---------------------------------------------------
 
@@ -354,6 +387,17 @@ class Receiver:
         self.outstanding.extend(Outstanding(message_id, reply, attempt, deadline)
                                 for message_id, reply in zip(message_ids, replies))
 
+    def _send_rejects(self, refusals, attempt):
+        if not refusals or self.connection is None:
+            return
+        try:
+            replies = self.connection.reject_many(refusals)
+        except ConnectionLost:
+            return
+        deadline = time.monotonic() + self.ack_timeout
+        self.outstanding.extend(Outstanding(message_id, reply, attempt, deadline, reason)
+                                for (message_id, reason), reply in zip(refusals, replies))
+
     def tend_acks(self):
         """Report the confirmations that have arrived; re-send acks overdue.  Never blocks."""
         while self.outstanding and self.outstanding[0].reply.done():
@@ -361,8 +405,9 @@ class Receiver:
             try:
                 ack.reply.result(0)
             except ServerError as exc:
-                self.report.say("⚠️ [RECEIVER] Broker refused the ACK for message %s: %s"
-                                % (ack.message_id, exc))
+                self.report.say("⚠️ [RECEIVER] Broker refused the %s for message %s: %s"
+                                % ("ACK" if ack.reason is None else "REJECT",
+                                   ack.message_id, exc))
                 continue
             except ConnectionLost:
                 continue        # handled when the end-of-connection marker is read
@@ -381,7 +426,10 @@ class Receiver:
                 continue
             again.append(ack)
         for ack in again:
-            self._send_acks([ack.message_id], ack.attempts + 1)
+            if ack.reason is None:
+                self._send_acks([ack.message_id], ack.attempts + 1)
+            else:
+                self._send_rejects([(ack.message_id, ack.reason)], ack.attempts + 1)
         self.report.tick()
 
     def finish(self):
@@ -399,10 +447,32 @@ class Receiver:
             self.connection.close()
         if self.decryptors is not None:
             self.decryptors.shutdown()
-        self.store.close()
-        if self.rejects is not None:
-            self.rejects.close()
+        for file in (self.store, self.rejects):
+            try:
+                if file is not None:
+                    file.close()
+            except OSError:
+                pass            # a failed write was reported already; nothing unwritten was acked
         self.report.progress()
+
+
+def envelope_digest(body):
+    """16 bytes of BLAKE2b over the envelope as its sender sealed it; None if it is not JSON.
+
+    The fields the broker adds on delivery are left out, and the rest is
+    serialised canonically (sorted keys), so every delivery of one envelope
+    has one digest.  Called for every delivery, duplicates included.
+    """
+    try:
+        envelope = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(envelope, dict):
+        return None
+    for field in _DELIVERY_FIELDS:
+        envelope.pop(field, None)
+    canonical = json.dumps(envelope, sort_keys=True, separators=(",", ":"))
+    return hashlib.blake2b(canonical.encode("utf-8"), digest_size=16).digest()
 
 
 def default_rejects_path(output):

@@ -32,13 +32,29 @@ def publish_record(message_id, queue_names, body):
                             ",".join(queue_names).encode("ascii"), body)
 
 
-def ack_record(message_id, queue_name, wall_ms):
-    return b"A %s %s %d" % (message_id.encode("ascii"), queue_name.encode("ascii"), wall_ms)
+def ack_record(message_id, queue_name, wall_ms, digest=None):
+    """``A <id> <queue> <ms> [<digest hex>]``: the digest keeps the id bound to its envelope."""
+    record = b"A %s %s %d" % (message_id.encode("ascii"), queue_name.encode("ascii"), wall_ms)
+    return record if digest is None else record + b" " + digest.hex().encode("ascii")
 
 
-def dead_letter_record(message_id, from_queue, to_queue):
-    return b"D %s %s %s" % (message_id.encode("ascii"), from_queue.encode("ascii"),
-                            to_queue.encode("ascii"))
+def dead_letter_record(message_id, from_queue, to_queue, reason=None):
+    """``D <id> <from> <to> [<reason>]``: the reason is free text to the end of the record."""
+    record = b"D %s %s %s" % (message_id.encode("ascii"), from_queue.encode("ascii"),
+                              to_queue.encode("ascii"))
+    return record if reason is None else record + b" " + reason.encode("ascii", "replace")
+
+
+def purge_record(queue_name, message_ids, wall_ms):
+    """``purge``: the ready copies of these ids left the queue, settled like acks."""
+    return b"U %s %s %d" % (queue_name.encode("ascii"),
+                            ",".join(message_ids).encode("ascii"), wall_ms)
+
+
+def requeue_record(from_queue, to_queue, message_ids):
+    """``requeue_dead``: these ids moved from a dead-letter queue back to its queue."""
+    return b"R %s %s %s" % (from_queue.encode("ascii"), to_queue.encode("ascii"),
+                            ",".join(message_ids).encode("ascii"))
 
 
 class RecoveredState:
@@ -50,6 +66,8 @@ class RecoveredState:
         self.bindings = []          # (exchange, queue, key)
         self.live = {}              # message id -> (body, [queue names holding a copy])
         self.acked = {}             # message id -> wall-clock ms of its ack
+        self.acked_digests = {}     # message id -> envelope digest (ack records that carry one)
+        self.reasons = {}           # message id -> why it was dead-lettered (if said)
 
     def __repr__(self):
         return "<RecoveredState %d queues, %d live messages, %d acked ids>" % (
@@ -94,7 +112,9 @@ def _fold_publish(state, rest):
 
 
 def _fold_ack(state, rest):
-    message_id, queue, wall_ms = rest.decode("ascii").split(" ")
+    message_id, queue, wall_ms, *digest = rest.decode("ascii").split(" ")
+    if digest:
+        state.acked_digests.setdefault(message_id, bytes.fromhex(digest[0]))
     entry = state.live.get(message_id)
     if entry is not None and queue in entry[1]:
         entry[1].remove(queue)
@@ -105,7 +125,9 @@ def _fold_ack(state, rest):
 
 
 def _fold_dead_letter(state, rest):
-    message_id, from_queue, to_queue = rest.decode("ascii").split(" ")
+    message_id, from_queue, to_queue, *reason = rest.decode("ascii").split(" ", 3)
+    if reason:
+        state.reasons[message_id] = reason[0]
     entry = state.live.get(message_id)
     if entry is not None and from_queue in entry[1]:
         names = entry[1]
@@ -113,8 +135,21 @@ def _fold_dead_letter(state, rest):
         state.queues.setdefault(to_queue, None)
 
 
+def _fold_purge(state, rest):
+    queue, ids, wall_ms = rest.decode("ascii").split(" ")
+    for message_id in ids.split(","):
+        _fold_ack(state, ("%s %s %s" % (message_id, queue, wall_ms)).encode("ascii"))
+
+
+def _fold_requeue(state, rest):
+    from_queue, to_queue, ids = rest.decode("ascii").split(" ")
+    for message_id in ids.split(","):
+        _fold_dead_letter(state, ("%s %s %s" % (message_id, from_queue, to_queue)).encode())
+
+
 _FOLDERS = {b"Q": _fold_queue, b"X": _fold_exchange, b"B": _fold_binding,
-            b"P": _fold_publish, b"A": _fold_ack, b"D": _fold_dead_letter}
+            b"P": _fold_publish, b"A": _fold_ack, b"D": _fold_dead_letter,
+            b"U": _fold_purge, b"R": _fold_requeue}
 
 
 def snapshot_records(state):
@@ -127,5 +162,10 @@ def snapshot_records(state):
         yield binding_record(exchange, queue, key)
     for message_id, (body, names) in state.live.items():
         yield publish_record(message_id, names, body)
+        reason = state.reasons.get(message_id)
+        if reason is not None:      # from == to: only says why it is dead
+            dead = next((name for name in names if name.endswith(".dead")), None)
+            if dead is not None:
+                yield dead_letter_record(message_id, dead, dead, reason)
     for message_id, wall_ms in state.acked.items():
-        yield ack_record(message_id, DEDUP_ONLY, wall_ms)
+        yield ack_record(message_id, DEDUP_ONLY, wall_ms, state.acked_digests.get(message_id))

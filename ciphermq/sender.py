@@ -12,7 +12,10 @@
   refuses it, or when the connection ends while it is the oldest in flight
   (the others in flight are sent again at no cost).  A retry sends the
   identical envelope, so it never makes a second copy.  A lost connection is
-  reopened: :data:`ATTEMPTS` tries, one second apart.
+  reopened: :data:`ATTEMPTS` tries, one second apart, each once round the
+  failover list of ``--url`` (:func:`ciphermq.brokers.connect_any`).  A
+  RabbitMQ nack costs no attempt: the sender waits :data:`NACK_BACKOFF` and
+  sends again (every :data:`NACKS_PER_ATTEMPT`-th nack of a message counts).
 * :class:`Report` prints the status lines, in the document's words, and
   writes the optional ``--record`` file the checker reads (:class:`Record`).
 
@@ -23,12 +26,21 @@ import collections
 import itertools
 import time
 
-from . import client
-from .errors import ConnectionLost, ServerError
+from .brokers import connect_any
+from .errors import ConnectionLost, Nacked, ServerError
 from .outbox import record
 from .store import JsonLinesFile
 
+#: The broker's refusal of a known message_id with a different envelope (never worth a retry).
+REUSED_ID = "already used for different content"
+
 ATTEMPTS = 3                # per message, and per reconnection, as the document says
+#: After RabbitMQ nacks a publish, wait this long before reconnecting to send it again.
+#: A nack is not the message's fault (a quorum queue electing a leader nacks a burst of
+#: publishes), so it costs no attempt -- but NACKS_PER_ATTEMPT nacks of one message do
+#: (a queue that stays full nacks for ever).
+NACK_BACKOFF = 1.0
+NACKS_PER_ATTEMPT = 10
 #: With more messages than this, one progress line replaces the per-message lines (-v: all).
 EACH_LINE_UP_TO = 10
 ACCEPT_CHUNK = 1000         # new messages sealed and made durable per outbox fsync
@@ -57,12 +69,13 @@ class Record(JsonLinesFile):
 class Pending:
     """One message on its way: its outbox record, its sends, and its failed attempts."""
 
-    __slots__ = ("record", "sends", "failures")
+    __slots__ = ("record", "sends", "failures", "nacks")
 
     def __init__(self, outbox_record):
         self.record = outbox_record
         self.sends = 0
         self.failures = 0
+        self.nacks = 0
 
     @property
     def id(self):
@@ -133,7 +146,7 @@ class Sender:
 
     ``window``: publishes in flight before waiting for ACKs; ``ack_timeout``:
     seconds to wait for the oldest one's ACK; ``connect_options``: keyword
-    arguments for :func:`ciphermq.client.connect`; ``record``: a
+    arguments for :func:`ciphermq.brokers.connect_any`; ``record``: a
     :class:`Record` or None; ``verbose``: a status line for every message.
     """
 
@@ -191,7 +204,9 @@ class Sender:
                     print("🔌 [SENDER] %s; reconnecting" % exc, flush=True)
                     connection.close()
                     connection = None
-                    self._take_back_in_flight(time.monotonic())
+                    self._take_back_in_flight(time.monotonic(), isinstance(exc, Nacked))
+                    if isinstance(exc, Nacked):
+                        self.stop.wait(NACK_BACKOFF)
         except ConnectionLost as exc:           # could not (re)connect: give up for now
             print("❌ [SENDER] %s" % exc, flush=True)
         finally:
@@ -203,8 +218,8 @@ class Sender:
         def retrying(tries, error):
             print("🔌 [SENDER] %s (try %d of %d); retrying in 1 s" % (error, tries, ATTEMPTS),
                   flush=True)
-        return client.connect(attempts=ATTEMPTS, stop=self.stop, on_retry=retrying,
-                              timeout=self.ack_timeout, **self.connect_options)
+        return connect_any(attempts=ATTEMPTS, stop=self.stop, on_retry=retrying,
+                           timeout=self.ack_timeout, **self.connect_options)
 
     def _fill_window(self, connection):
         """Publish queued messages until ``window`` are in flight (one write)."""
@@ -240,6 +255,8 @@ class Sender:
         except ServerError as exc:              # refused (queue full, unroutable...)
             self.in_flight.popleft()
             self.report.refused(pending, exc)
+            if REUSED_ID in str(exc):           # final: sending it again cannot help
+                pending.failures = ATTEMPTS - 1
             self._retry(pending, front=False, failed=True)  # after the others: give it time
             return
         except TimeoutError:
@@ -250,14 +267,19 @@ class Sender:
         self.outbox.remove(pending.id)
         self.report.removed(pending)
 
-    def _take_back_in_flight(self, now):
+    def _take_back_in_flight(self, now, nacked=False):
         """Queue the in-flight messages again after the connection has ended.
 
         The oldest -- the one whose ACK was awaited -- has failed an attempt,
         and so has any whose own ACK is overdue; the others were only caught
-        up in it and are sent again at no cost.
+        up in it and are sent again at no cost.  A ``nacked`` oldest fails an
+        attempt only at every NACKS_PER_ATTEMPT-th nack.
         """
         oldest = self.in_flight[0][0] if self.in_flight else None
+        if nacked and oldest is not None:
+            oldest.nacks += 1
+            if oldest.nacks % NACKS_PER_ATTEMPT:
+                oldest = None
         while self.in_flight:
             pending, _, deadline = self.in_flight.pop()     # newest first: order is kept
             self._retry(pending, front=True, failed=pending is oldest or deadline <= now)

@@ -39,6 +39,7 @@ from .connection import Connection
 from .dashboard import Dashboard
 from .envelope import EnvelopeLimits
 from .journal import EXIT_DAMAGED, Journal, JournalDamaged, JournalError
+from .logins import LoginGuard
 from .redelivery import RedeliveryTimer
 from .transport import server_tls_context
 
@@ -61,6 +62,8 @@ class BrokerServer(socketserver.ThreadingTCPServer):
         self.stop_requested = threading.Event()
         self.chaos = Chaos(self.config.chaos, self.config.chaos_seed) if self.config.chaos else None
         self.users = Users.load(self.config.users_file) if self.config.users_file else None
+        self.login_guard = LoginGuard(self.config.login_failure_limit,
+                                      self.config.login_failure_window, clock=clock)
         self.envelope_limits = EnvelopeLimits(self.config.max_extra_fields,
                                               self.config.max_json_depth)
         self.tls_context = None
@@ -118,10 +121,13 @@ class BrokerServer(socketserver.ThreadingTCPServer):
         return Broker(
             redelivery_interval=config.redelivery_interval,
             max_deliveries=config.max_deliveries,
+            consumer_timeout=config.consumer_timeout,
             max_queue_length=config.max_queue_length,
             max_queues=config.max_queues,
             max_exchanges=config.max_exchanges,
             max_bindings=config.max_bindings,
+            max_memory=config.max_memory,
+            max_unacked=config.max_unacked,
             dedup_window=config.dedup_window,
             dedup_max_ids=config.dedup_max_ids,
             clock=clock,
@@ -243,7 +249,11 @@ def build_parser():
     add("--redelivery-interval", type=float, default=defaults.redelivery_interval,
         metavar="SECONDS", help="redeliver unacked messages after this (default %(default)s)")
     add("--max-deliveries", type=int, default=defaults.max_deliveries,
-        help="deliveries before a message goes to <queue>.dead (default %(default)s)")
+        help="times a message may be given back (nack, disconnect, timeout) before it goes "
+             "to <queue>.dead (default %(default)s)")
+    add("--consumer-timeout", type=float, default=defaults.consumer_timeout, metavar="SECONDS",
+        help="disconnect a consumer that holds messages and acks nothing for this long, "
+             "and requeue them; 0 = never (default %(default)s)")
     add("--max-line-bytes", type=int, default=defaults.max_line_bytes,
         help="longest command line accepted (default %(default)s)")
     add("--max-connections", type=int, default=defaults.max_connections,
@@ -251,7 +261,7 @@ def build_parser():
     add("--max-queue-length", type=int, default=defaults.max_queue_length,
         help="messages (ready + unacked) per queue at most (default %(default)s)")
     add("--max-queues", type=int, default=defaults.max_queues,
-        help="queues that may be declared (default %(default)s)")
+        help="queues that may be declared, <name>.dead included (default %(default)s)")
     add("--max-exchanges", type=int, default=defaults.max_exchanges,
         help="exchanges that may be declared (default %(default)s)")
     add("--max-bindings", type=int, default=defaults.max_bindings,
@@ -287,6 +297,18 @@ def build_parser():
     add("--repair", action="store_true",
         help="with --data-dir: if the journal is damaged, keep every intact record and move "
              "the damaged bytes to a new journal.damaged.* file (default: refuse to start)")
+    # -- broker-wide bounds against hostile clients (docs/SECURITY.md, "Bounds") --
+    add("--max-memory", type=int, default=defaults.max_memory, metavar="BYTES",
+        help="queued envelope bytes, every copy counted; beyond it publishes are refused "
+             "(default %(default)s)")
+    add("--max-unacked", type=int, default=defaults.max_unacked,
+        help="unacked messages one connection may hold, pushed and fetched "
+             "(default %(default)s)")
+    add("--login-failure-limit", type=int, default=defaults.login_failure_limit,
+        help="with --users: failed logins per source address per window before its "
+             "logins are refused unchecked (default %(default)s)")
+    add("--login-failure-window", type=float, default=defaults.login_failure_window,
+        metavar="SECONDS", help="the window of --login-failure-limit (default %(default)s)")
     add("--chaos", default=None, metavar="SPEC",
         help="inject faults for teaching, e.g. drop-ack=0.05,drop-confirm=0.05,"
              "drop-delivery=0.02,disconnect=0.01,delay-ms=0-20 (default: off)")

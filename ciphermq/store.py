@@ -143,22 +143,29 @@ class JsonLinesFile:
 class MessageStore(JsonLinesFile):
     """The receiver's output file, which is also its dedup store.
 
-    Each line is ``{"message_id", "message", "timestamp"}``.  Opening the
-    file rebuilds the set of processed ids from it.  An id counts as
-    processed only after :meth:`sync` has made its record durable: if the
-    sync fails, the ids it covered stay unprocessed, so a redelivery is
+    Each line is ``{"message_id", "message", "timestamp", "envelope_digest"}``
+    (the digest -- 32 hex digits, see :func:`ciphermq.receiver.envelope_digest`
+    -- binds the id to the envelope it came in; older files lack it).  Opening
+    the file rebuilds the processed ids, with their digests, from it.  An id
+    counts as processed only after :meth:`sync` has made its record durable:
+    if the sync fails, the ids it covered stay unprocessed, so a redelivery is
     stored again rather than acknowledged as a duplicate of nothing.
     """
 
     def __init__(self, path):
-        self.processed = set()
-        self._unsynced = []         # ids appended since the last sync
+        self.processed = {}         # id -> envelope digest (bytes), or None if not recorded
+        self._unsynced = []         # (id, digest) appended since the last sync
         super().__init__(path)
 
     def loaded(self, record):
         message_id = record.get("message_id")
         if isinstance(message_id, str):
-            self.processed.add(message_id)
+            digest = record.get("envelope_digest")
+            try:
+                digest = bytes.fromhex(digest) if isinstance(digest, str) else None
+            except ValueError:
+                digest = None
+            self.processed[message_id] = digest
 
     def __contains__(self, message_id):
         return message_id in self.processed
@@ -166,10 +173,17 @@ class MessageStore(JsonLinesFile):
     def __len__(self):
         return len(self.processed)
 
-    def add(self, message_id, message, timestamp):
+    def digest(self, message_id):
+        """The envelope digest stored with a processed id (None if unknown or not recorded)."""
+        return self.processed.get(message_id)
+
+    def add(self, message_id, message, timestamp, digest=None):
         """Buffer one message's record; it is not yet processed (see :meth:`sync`)."""
-        self.append({"message_id": message_id, "message": message, "timestamp": timestamp})
-        self._unsynced.append(message_id)
+        record = {"message_id": message_id, "message": message, "timestamp": timestamp}
+        if digest is not None:
+            record["envelope_digest"] = digest.hex()
+        self.append(record)
+        self._unsynced.append((message_id, digest))
 
     def sync(self):
         super().sync()

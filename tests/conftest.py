@@ -7,6 +7,7 @@ import contextlib
 import json
 import socket
 import ssl
+import threading
 import time
 import uuid
 
@@ -17,7 +18,7 @@ from proxy import FaultProxy
 from ciphermq.config import ServerConfig
 from ciphermq.server import BrokerServer
 
-pytest_plugins = ["scripts"]
+pytest_plugins = ["scripts", "rabbitmq"]
 
 #: How long a test waits for a line it expects before failing (not a sleep).
 WAIT = 5.0
@@ -78,6 +79,25 @@ class Wire:
             self.send("ack %s\n" % message_id)
         return received
 
+    def settled(self, queue="default_queue"):
+        """``(pushed, counts)``: ask ``stats`` on this (maybe consuming) connection and read up
+        to its reply; ``pushed`` are the Message lines that came first, ``counts`` the queue's
+        ``{"ready", "unacked", ...}``.
+
+        This is how a test shows that nothing more will arrive without waiting for it: a
+        queue with nothing ready and nothing unacked beyond what the test holds has nothing
+        left to push (short of a redelivery, which these tests keep 30 s away).
+        """
+        self.send("stats\n")
+        pushed = []
+        while True:
+            line = self.text()
+            if line.startswith("{"):
+                return pushed, json.loads(line)["queues"][queue]
+            if line.startswith("Message: "):
+                pushed.append(line)
+            # any other line (a late ACK_CONFIRMED) is the test's own business
+
     def expect_nothing(self, within=0.3):
         """Assert no line arrives within ``within`` seconds (a bounded read, not a sleep)."""
         try:
@@ -87,16 +107,26 @@ class Wire:
         raise AssertionError("unexpected line: %r" % line)
 
     def closed_by_peer(self, timeout=WAIT):
-        """True once the broker has closed this connection (EOF or reset)."""
+        """The bytes the broker sent before it closed this connection (EOF or reset).
+
+        Raises AssertionError if it is still open after ``timeout``.  Returning
+        what arrived lets a test assert the close came *instead of* a reply
+        (``assert b"ACK" not in client.closed_by_peer()``), not merely after one.
+        """
+        received = self._buffer
+        self._buffer = b""
         self.sock.settimeout(timeout)
         try:
             while True:
-                if not self.sock.recv(65536):
-                    return True
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return received
+                received += chunk
         except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
-            return True
+            return received
         except socket.timeout:
-            return False
+            raise AssertionError("still open after %.1f s; received %r"
+                                 % (timeout, received)) from None
 
     def close(self):
         self.sock.close()
@@ -153,13 +183,29 @@ def connect(server):
 
 
 class FakeClock:
-    """A clock a test moves by hand: ``clock.advance(31)``."""
+    """A clock a test moves by hand: ``clock.advance(31)``.
+
+    It also counts how often it is read (the redelivery timer's reads aside), so a test
+    can wait until a connection has looked at the time again: ``clock.wait_for_reads(2)``.
+    """
 
     def __init__(self, start=1000.0):
         self.now = start
+        self.read = threading.Condition()   # guards reads; notified on every read
+        self.reads = 0
 
     def __call__(self):
+        if threading.current_thread().name != "ciphermq-redelivery":
+            with self.read:
+                self.reads += 1
+                self.read.notify_all()
         return self.now
+
+    def wait_for_reads(self, count, timeout=WAIT):
+        """Block until the clock has been read ``count`` more times; False on timeout."""
+        with self.read:
+            target = self.reads + count
+            return self.read.wait_for(lambda: self.reads >= target, timeout)
 
     def advance(self, seconds):
         self.now += seconds

@@ -16,6 +16,7 @@ class BrokerProcess:
             [sys.executable, "-m", "ciphermq.server", "--port", str(port), *args],
             stderr=subprocess.PIPE, text=True)
         self.lines = []
+        self._new_line = threading.Condition()     # notified by the reader for every line
         self._port_found = threading.Event()
         self.port = None
         self._reader = threading.Thread(target=self._read_log, daemon=True)
@@ -26,11 +27,21 @@ class BrokerProcess:
 
     def _read_log(self):
         for line in self.proc.stderr:
-            self.lines.append(line)
+            with self._new_line:
+                self.lines.append(line)
+                self._new_line.notify_all()
             match = re.search(r"listening on [\d.]+:(\d+)", line)
             if match:
                 self.port = int(match.group(1))
                 self._port_found.set()
+
+    def wait_for_log(self, text, count=1, timeout=WAIT * 4):
+        """Block until ``count`` log lines contain ``text``; AssertionError on timeout."""
+        with self._new_line:
+            if not self._new_line.wait_for(
+                    lambda: sum(text in line for line in self.lines) >= count, timeout):
+                raise AssertionError("fewer than %d log lines with %r:\n%s"
+                                     % (count, text, "".join(self.lines)))
 
     @property
     def log(self):

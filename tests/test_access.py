@@ -72,7 +72,7 @@ def test_anything_but_a_correct_auth_first_is_refused_and_closed(secured, line):
     client = Wire(server.address)
     try:
         assert client.call(line).startswith("Error: ")
-        assert client.closed_by_peer()
+        assert client.closed_by_peer() == b""
     finally:
         client.close()
 
@@ -83,7 +83,7 @@ def test_authentication_has_a_deadline(start_server, users_file):
     server = start_server(users_file=str(path), auth_timeout=0.3)
     client = Wire(server.address)
     try:
-        assert client.closed_by_peer()
+        assert client.closed_by_peer() == b""
     finally:
         client.close()
 

@@ -83,6 +83,22 @@ def test_full_queue_refuses_and_drops_nothing(broker):
     assert broker.stats()["queues"]["default_queue"]["ready"] == 5
 
 
+def test_messages_in_flight_count_toward_the_queue_length(broker):
+    """max_queue_length bounds ready plus unacked messages: taking some out without an ack
+    makes no room, an ack does."""
+    for i in range(5):
+        publish(broker, "m%d" % i)
+    session = broker.open_session("s1")
+    assert broker.consume(session, "default_queue") is not None
+    assert broker.consume(session, "default_queue") is not None
+    queue = broker.stats()["queues"]["default_queue"]
+    assert (queue["ready"], queue["unacked"]) == (3, 2)
+    with pytest.raises(BrokerError, match="queue 'default_queue' is full"):
+        publish(broker, "m5")
+    broker.acknowledge(session, "m0")
+    assert publish(broker, "m5") is True
+
+
 def test_fanout_full_target_refuses_the_whole_publish(broker):
     """If any target queue is full, no queue gets the message (all or nothing)."""
     broker.declare_exchange("fan", "fanout")

@@ -3,7 +3,7 @@ import json
 import logging
 
 import pytest
-from conftest import Wire, publish_line
+from conftest import Wire, parse_message, publish_line
 
 from ciphermq.chaos import Chaos, ChaosSpecError, parse_spec
 
@@ -55,8 +55,13 @@ def test_withheld_acks_are_recovered_by_resending(start_server, caplog):
                 if "ACK ca-%d" % i in replies:
                     break
         totals = json.loads(client.call("stats"))["totals"]
-        assert totals["published"] == 30 and totals["duplicates"] > 0
-        assert json.loads(client.call("stats"))["queues"]["default_queue"]["ready"] == 30
+        assert totals["duplicates"] > 0, "no ACK was ever withheld: the test proved nothing"
+        stored = []                         # stored once: judged by consuming, not by counters
+        reply = client.call("fetch default_queue")
+        while reply != "No messages":
+            stored.append(parse_message(reply)[0])
+            reply = client.call("fetch default_queue")
+        assert sorted(stored) == sorted("ca-%d" % i for i in range(30))
     finally:
         client.close()
     assert any("CHAOS drop-ack" in record.message for record in caplog.records)
@@ -86,7 +91,9 @@ def test_lost_pushes_are_redelivered(start_server):
         for _ in range(40):
             sender.text()
         received = receiver.receive_and_ack(40)
-        assert sorted(received) == sorted("cd-%d" % i for i in range(40))
+        # At least once: a slow machine may see a message again before its ack lands, so
+        # the check is on the set of ids; every one of them was confirmed.
+        assert set(received) == {"cd-%d" % i for i in range(40)}
         assert json.loads(sender.call("stats"))["totals"]["redelivered"] > 0
     finally:
         sender.close()
@@ -100,7 +107,7 @@ def test_disconnect_drops_the_connection_and_says_so(start_server, caplog):
     client = Wire(server.address)
     try:
         client.send(publish_line("cx-1"))
-        assert client.closed_by_peer()
+        assert client.closed_by_peer() == b""
     finally:
         client.close()
     assert any("CHAOS disconnect" in record.message for record in caplog.records)

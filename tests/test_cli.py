@@ -7,7 +7,7 @@ import sys
 import uuid
 
 import pytest
-from conftest import WAIT
+from conftest import WAIT, publish_line
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -25,12 +25,17 @@ def test_signal_stops_the_broker_cleanly(broker_process, sig):
 
 
 def test_options_are_applied(broker_process):
-    """Limits given on the command line take effect."""
-    broker = broker_process("--max-line-bytes", "64", "--max-queue-length", "1")
+    """Limits given on the command line take effect: a longer line and a second message in a
+    one-message queue are both refused."""
+    broker = broker_process("--max-line-bytes", "256", "--max-queue-length", "1")
     client = socket.create_connection(("127.0.0.1", broker.port), timeout=WAIT)
     with client, client.makefile("rb") as reader:
-        client.sendall(b"x" * 100 + b"\n")
-        assert reader.readline() == b"Error: line too long (max 64 bytes)\n"
+        client.sendall(b"x" * 300 + b"\n")
+        assert reader.readline() == b"Error: line too long (max 256 bytes)\n"
+        client.sendall(publish_line("q1").encode())
+        assert reader.readline() == b"ACK q1\n"
+        client.sendall(publish_line("q2").encode())
+        assert reader.readline() == b"Error: queue 'default_queue' is full\n"
     assert broker.stop() == 0
 
 

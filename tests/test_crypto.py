@@ -237,6 +237,24 @@ def test_malformed_envelopes_are_refused_before_rsa(rsa_key):
         assert error.reason, label
 
 
+def test_non_canonical_base64_padding_is_refused_before_rsa(rsa_key):
+    """A tag re-encoded with non-zero padding bits (same decoded bytes) is refused
+    before any RSA work; the canonical envelope opens."""
+    envelope = sealer(rsa_key).seal("secret")
+    tag = envelope["tag"]
+    assert tag.endswith("==")               # 16 bytes: one byte in the last quantum
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    value = alphabet.index(tag[-3])
+    assert not value & 0x0F, "the sealer wrote canonical base64"
+    variant = tag[:-3] + alphabet[value | 0x01] + "=="
+    assert base64.b64decode(variant) == base64.b64decode(tag)
+    fresh = opener(rsa_key)
+    error = rejection(fresh, dict(envelope, tag=variant))
+    assert fresh.rsa_operations == 0
+    assert "padding bits" in error.reason
+    assert opener(rsa_key).open(envelope) == "secret"
+
+
 def test_every_refusal_says_the_same_thing(rsa_key, other_rsa_key, signers, trusted):
     """Refusals differ only in their private reason: same class, same message, same repr."""
     envelope = sealer(rsa_key, sender="alice", signing_key=signers["alice"]).seal("s", "id-1")

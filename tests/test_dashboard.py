@@ -112,6 +112,23 @@ def test_metrics_count_redeliveries_and_dead_letters(start_server, clients):
     assert samples[("ciphermq_queue_messages_ready", queue_label("default_queue"))] == 0
 
 
+def test_metrics_show_queued_bytes_against_max_memory(start_server):
+    """/metrics gives the bytes --max-memory bounds (every fanout copy counted), the
+    limit, and how many queues exist."""
+    server = start_server(http_port=0, max_memory=1_000_000)
+    client = Wire(server.address)
+    try:
+        line = publish_line("m-1").strip()
+        assert client.call(line) == "ACK m-1"
+    finally:
+        client.close()
+    body = line.split(" ", 3)[3]
+    samples, _ = scrape(server)
+    assert samples[("ciphermq_queued_bytes", ())] == len(body)
+    assert samples[("ciphermq_max_memory_bytes", ())] == 1_000_000
+    assert samples[("ciphermq_queues", ())] == 1
+
+
 def test_label_values_are_escaped_for_the_parser():
     """Queue names with a backslash, a quote or a newline come back from the Prometheus
     parser exactly as they went in."""

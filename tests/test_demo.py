@@ -51,3 +51,17 @@ def _runs_in(proc_dir, workdir):
         return proc_dir.name.isdigit() and os.readlink(proc_dir / "cwd") == workdir
     except OSError:
         return False
+
+
+def test_the_chaos_demo_says_where_to_look_on_its_dashboard(keys, spawn, tmp_path):
+    """With --http-port the demo prints its broker's live dashboard URL and what to watch
+    there under chaos, and the URL answers while the demo runs."""
+    import urllib.request
+    demo = spawn([sys.executable, DEMO, "--keys", str(keys[0].parent), "--count", "20",
+                  "--http-port", "0", "--chaos", "drop-ack=0.3", "--chaos-seed", "1",
+                  "--broker-arg=--redelivery-interval=1"], cwd=str(tmp_path))
+    url = re.search(r"Dashboard: (http://\S+/)", demo.wait_for("📊 [DEMO] Dashboard:")).group(1)
+    with urllib.request.urlopen(url + "api/stats", timeout=WAIT) as reply:
+        assert "default_queue" in reply.read().decode()
+    assert demo.wait() == 0, demo.stdout + demo.stderr
+    assert "redelivered total" in demo.stdout

@@ -276,6 +276,9 @@ def sender_kills(run, scale):
         nth = run.rng.randint(1, _budget(scale.messages - acked, scale.sender_kills - kill))
         proxy.stall_after(b"ACK ", nth)             # the broker ACKs on; the sender hears none
         sender.wait_for(ACK_LINE, timeout=PATIENCE, count=nth)
+        # The proxy counts a rule as fired before it forwards the line that fires it.
+        assert proxy.fired["stall"] == kill + 1, "the stall after ACK %d never fired" % nth
+        run.faults["sender connections stalled"] += 1
         acked += nth
         run.kill_soon(sender, "sender SIGKILLs")
         sender = run.start_sender(proxy.address[1], "--window", "32", resume=True)
@@ -488,7 +491,8 @@ def test_sender_sigkilled_mid_run_and_restarted_loses_nothing(scale, keys, tmp_p
     message ACKed, and the Receiver stores each exactly once."""
     result = play(sender_kills, tmp_path, keys, scale)
     _assert_exactly_once(result)
-    assert result.faults == {"sender SIGKILLs": scale.sender_kills}, result.verdict()
+    assert result.faults == {"sender SIGKILLs": scale.sender_kills,
+                             "sender connections stalled": scale.sender_kills}, result.verdict()
     assert len(result.tally.attempted) == scale.messages
 
 
@@ -500,8 +504,9 @@ def test_broker_dropping_acks_confirmations_pushes_and_connections_loses_nothing
     result = play(broker_chaos, tmp_path, keys, scale)
     _assert_exactly_once(result)
     assert len(result.tally.acked) == scale.messages
-    assert result.faults["chaos drop-ack"] and result.faults["chaos drop-confirm"], \
-        result.verdict()
+    named = ("drop-ack", "drop-confirm", "drop-delivery", "disconnect")
+    assert all(result.faults["chaos " + fault] for fault in named), \
+        "not every fault in the name fired: %s" % result.verdict()
 
 
 @pytest.mark.parametrize("scale", SCALES)

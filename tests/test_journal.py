@@ -4,7 +4,7 @@ import os
 import threading
 
 import pytest
-from conftest import WAIT, Wire, parse_message, publish_line
+from conftest import Wire, parse_message, publish_line
 
 from ciphermq import journal as journal_module
 from ciphermq import recovery
@@ -75,22 +75,32 @@ def connected_then_disk_replaced(durable_server, monkeypatch, fdatasync):
 
 
 def test_ack_is_sent_only_after_the_record_is_fsynced(durable_server, monkeypatch):
-    """Until fsync returns, the publisher hears nothing; then it hears ACK."""
+    """The publish's record is in the journal file when fdatasync is entered, and its ACK
+    leaves only after that fdatasync has returned."""
     real_fdatasync = os.fdatasync
-    gate = threading.Event()
+    acked = threading.Event()           # the client has read a line: the disk may go on
+    on_disk_at_entry, synced = [], threading.Event()
 
-    def slow_fdatasync(fd):
-        gate.wait(WAIT)
+    def gated_fdatasync(fd):
+        with open("/proc/self/fd/%d" % fd, "rb") as file:
+            on_disk_at_entry.append(b'"d-1"' in file.read())
+        # Hold the disk (up to a bound) so that an ACK sent before the fsync arrives first;
+        # correct code waits here however long it takes, so the bound only limits the test.
+        acked.wait(1.0)
         real_fdatasync(fd)
+        synced.set()
 
-    _, client = connected_then_disk_replaced(durable_server, monkeypatch, slow_fdatasync)
+    _, client = connected_then_disk_replaced(durable_server, monkeypatch, gated_fdatasync)
     try:
         client.send(publish_line("d-1"))
-        client.expect_nothing(0.3)
-        gate.set()
-        assert client.text() == "ACK d-1"
+        reply = client.text()
+        came_after_fsync = synced.is_set()
+        acked.set()
+        assert reply == "ACK d-1"
+        assert came_after_fsync, "ACK sent before the journal's fdatasync returned"
+        assert on_disk_at_entry and on_disk_at_entry[0], "fdatasync entered before the write"
     finally:
-        gate.set()
+        acked.set()
         client.close()
 
 
@@ -147,7 +157,8 @@ def test_restart_restores_queues_bindings_messages_and_dedup(durable_server):
         client.call("consume default_queue")
         got = [parse_message(client.line()) for _ in range(2)]
         assert [message_id for message_id, _ in got] == ["r-2", "r-3"]
-        client.expect_nothing(0.2)
+        pushed, queue = client.settled()
+        assert pushed == [] and (queue["ready"], queue["unacked"]) == (0, 2)
     finally:
         client.close()
 
@@ -197,7 +208,8 @@ def test_compaction_shrinks_the_journal_and_loses_nothing(durable_server, tmp_pa
     client = Wire(again.address)
     try:
         assert stats(client)["queues"]["default_queue"]["ready"] == 5
-        assert client.call(publish_line("c-0-0").strip()) == "ACK c-0-0"
+        same = publish_line("c-0-0", ciphertext="x" * 300)   # the same bytes: a duplicate
+        assert client.call(same.strip()) == "ACK c-0-0"
         assert stats(client)["totals"]["duplicates"] == 1, "dedup window survives compaction"
     finally:
         client.close()

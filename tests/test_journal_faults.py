@@ -248,6 +248,25 @@ def test_failed_fsync_acks_nothing_and_the_broker_keeps_running(durable_server, 
         client.close()
 
 
+def test_a_journal_stopped_for_good_closes_the_publisher_without_an_ack(durable_server,
+                                                                        monkeypatch):
+    """If the journal's writer stops for good (a bug, not a disk error), a publish waiting for
+    it gets no ACK: its connection is closed with nothing sent."""
+    server = durable_server()
+    client = Wire(server.address)
+    client.call("ping")
+
+    def broken_fdatasync(fd):
+        raise RuntimeError("planted bug in the journal writer")
+    monkeypatch.setattr(journal_module.os, "fdatasync", broken_fdatasync)
+    try:
+        client.send(publish_line("doomed-1"))
+        received = client.closed_by_peer()
+        assert b"ACK" not in received, "ACKed a publish the journal never wrote: %r" % received
+    finally:
+        client.close()
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 1 MiB tmpfs mounted for the test (we run as root); skipped where mount is not

@@ -1,5 +1,7 @@
 """The wire protocol's pure parts: framing, parsing, replies."""
+import base64
 import json
+import random
 import tracemalloc
 
 import pytest
@@ -156,10 +158,11 @@ def test_error_reply_is_always_one_line():
 @pytest.mark.parametrize("text, ok", [
     ("", True), ("QUJD", True), ("QUI=", True), ("QQ==", True), ("QQ===", False),
     ("Q=Q=", False), ("QU J", False), ("QUJ\u00e9", False), ("QU\ud800", False),
-    ("a+/b", True), ("a-_b", False), ("=", True),
+    ("a+/b", True), ("a-_b", False), ("=", False), ("==", False),
+    ("QR==", False), ("QZ==", False), ("QUJ=", False), ("QUL=", False), ("QUM=", True),
 ])
 def test_base64_check_agrees_with_the_plain_rule(text, ok):
-    """The fast base64 check accepts exactly what [A-Za-z0-9+/]*={0,2} accepts, field by field."""
+    """The fast base64 check accepts exactly [A-Za-z0-9+/]*={0,2} with zero padding bits."""
     env = {"message_id": "m", "enc_session_key": "QUJD", "nonce": "QUJD", "tag": text,
            "ciphertext": "QUJD"}
     raw = json.dumps(env).encode()
@@ -168,3 +171,23 @@ def test_base64_check_agrees_with_the_plain_rule(text, ok):
     else:
         with pytest.raises(ProtocolError, match="field 'tag' must be base64 text"):
             envelope.parse_envelope(raw)
+
+
+def test_only_canonical_base64_passes_on_random_fields():
+    """For random byte strings, the encoder's text passes and every other padding-bit
+    variant of it (the same decoded bytes) is refused."""
+    rng = random.Random(6)
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    for _ in range(300):
+        text = base64.b64encode(rng.randbytes(rng.randint(1, 40))).decode()
+        assert envelope.canonical_padding(text)
+        if text.endswith("="):
+            data = text.rstrip("=")
+            for char in alphabet:
+                variant = data[:-1] + char + text[len(data):]
+                same = base64.b64decode(variant) == base64.b64decode(text)
+                if variant != text and same:
+                    with pytest.raises(ProtocolError, match="must be base64 text"):
+                        envelope.parse_envelope(json.dumps(
+                            {"message_id": "m", "enc_session_key": variant, "nonce": "QUJD",
+                             "tag": "QUJD", "ciphertext": "QUJD"}).encode())

@@ -34,7 +34,8 @@ def test_each_message_is_stored_once_with_the_documents_status_lines(server, key
     assert receiver.wait() == 0, receiver.stderr
     records = read_records(output)
     assert_exactly_once(records, texts)
-    assert all(set(record) == {"message_id", "message", "timestamp"} for record in records)
+    assert all(set(record) == {"message_id", "message", "timestamp", "envelope_digest"}
+               for record in records)
     for message_id in ids:
         for line in ("📩 [RECEIVER] Received message %s",
                      "💾 [RECEIVER] Message %s saved to file",
@@ -60,9 +61,9 @@ def test_a_duplicate_delivery_is_acked_but_not_written_again(server, keys, spawn
     assert server.broker.stats()["totals"]["acked"] == 2
 
 
-def test_an_envelope_that_does_not_open_is_recorded_acked_and_not_redelivered(
+def test_an_envelope_that_does_not_open_is_recorded_rejected_and_not_redelivered(
         server, keys, spawn, tmp_path):
-    """Undecryptable envelopes go to the rejects file with their reason, are acked, never loop."""
+    """Undecryptable envelopes go to the rejects file and to <queue>.dead with their reason."""
     [forged] = publish_sealed(server.address, keys, ["forged"], tag="A" * 22 + "==")
     [garbled] = publish_sealed(server.address, keys, ["garbled"], nonce="AAAA")
     publish_sealed(server.address, keys, ["genuine"])
@@ -77,7 +78,9 @@ def test_an_envelope_that_does_not_open_is_recorded_acked_and_not_redelivered(
     assert all(r["timestamp"] for r in rejects)
     assert "authentication tag" not in receiver.stdout, "the reason stays in the rejects file"
     totals = server.broker.stats()["totals"]
-    assert (totals["acked"], totals["redelivered"], totals["dead_lettered"]) == (3, 0, 0)
+    assert (totals["acked"], totals["redelivered"], totals["dead_lettered"]) == (1, 0, 2)
+    dead = server.broker.stats()["queues"]["default_queue.dead"]
+    assert dead["ready"] == 2, "refused, not acked away"
 
 
 @pytest.mark.parametrize("point", CRASH_POINTS)

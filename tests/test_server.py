@@ -4,7 +4,7 @@ import socket
 import threading
 
 import pytest
-from conftest import WAIT, Wire, envelope, parse_message, publish_line
+from conftest import WAIT, FakeClock, Wire, envelope, parse_message, publish_line
 
 from ciphermq.config import ServerConfig
 from ciphermq.server import BrokerServer
@@ -209,7 +209,8 @@ def test_duplicate_publish_is_reacked_and_delivered_once(connect):
     assert consume_ids(receiver, 1) == ["dup-1"]
     receiver.call("ack dup-1")
     assert sender.call(line.strip()) == "ACK dup-1", "still a duplicate after the ack"
-    receiver.expect_nothing()
+    pushed, queue = receiver.settled()
+    assert pushed == [] and (queue["ready"], queue["unacked"]) == (0, 0), "stored again"
     assert json.loads(sender.call("stats"))["totals"]["duplicates"] == 2
 
 
@@ -226,8 +227,7 @@ def test_two_consumers_share_100_messages_none_twice(connect):
     got_first = consume_ids(first, 50)
     got_second = consume_ids(second, 50)
     assert sorted(got_first + got_second) == sorted("c-%d" % i for i in range(100))
-    first.expect_nothing(0.1)
-    second.expect_nothing(0.1)
+    assert first.settled()[0] == second.settled()[0] == [], "a message was pushed twice"
 
 
 def test_consumer_killed_mid_stream_its_messages_go_to_the_other(connect):
@@ -243,7 +243,8 @@ def test_consumer_killed_mid_stream_its_messages_go_to_the_other(connect):
     survivor.call("consume default_queue 0")
     survivor_got = consume_ids(survivor, 9)
     assert sorted(survivor_got + doomed_got[:1]) == sorted("k-%d" % i for i in range(10))
-    survivor.expect_nothing(0.1)
+    pushed, queue = survivor.settled()
+    assert pushed == [] and (queue["ready"], queue["unacked"]) == (0, 9)
 
 
 def test_redelivery_after_the_interval(start_server):
@@ -257,8 +258,13 @@ def test_redelivery_after_the_interval(start_server):
         second = parse_message(client.line())    # arrives after ~0.2 s, no ack sent
         assert first[0] == second[0] == "r-1"
         assert (first[1]["delivery_count"], second[1]["delivery_count"]) == (1, 2)
-        assert client.call("ack r-1") == "ACK_CONFIRMED r-1"
-        client.expect_nothing(0.5)
+        client.send("ack r-1\n")
+        line = client.text()
+        while line.startswith("Message: r-1 "):    # a slow machine may see a third delivery
+            line = client.text()
+        assert line == "ACK_CONFIRMED r-1"
+        _, queue = client.settled()
+        assert (queue["ready"], queue["unacked"]) == (0, 0), "acked, yet still held"
     finally:
         client.close()
 
@@ -279,13 +285,23 @@ def test_fetch_without_ack_is_redelivered(start_server):
 
 
 def test_dead_letter_after_max_deliveries(start_server):
-    """A message nobody acks ends in <queue>.dead after max deliveries, not lost, not looping."""
-    server = start_server(redelivery_interval=0.05, max_deliveries=3)
+    """A message given back max-deliveries times ends in <queue>.dead, not lost, not looping."""
+    server = start_server(redelivery_interval=30, max_deliveries=3)
     client, rescuer = Wire(server.address), Wire(server.address)
     try:
         client.call("consume default_queue")
         client.call(publish_line("poison-1").strip())
-        counts = [parse_message(client.line())[1]["delivery_count"] for _ in range(3)]
+        counts, lines = [], [client.text()]
+        for _ in range(3):          # a nack's reply and the next push may come either way round
+            push = next(line for line in lines if line.startswith("Message:"))
+            counts.append(parse_message(push)[1]["delivery_count"])
+            client.send("nack poison-1\n")
+            lines = [client.text()]
+            if lines[0] != "NACK_CONFIRMED poison-1":
+                lines.append(client.text())
+                assert "NACK_CONFIRMED poison-1" in lines
+            elif len(counts) < 3:
+                lines = [client.text()]
         assert counts == [1, 2, 3]
         rescuer.call("consume default_queue.dead")
         message_id, body = parse_message(rescuer.line())
@@ -293,7 +309,9 @@ def test_dead_letter_after_max_deliveries(start_server):
         assert rescuer.call("ack poison-1") == "ACK_CONFIRMED poison-1"
         stats = json.loads(rescuer.call("stats"))
         assert stats["totals"]["dead_lettered"] == 1
-        client.expect_nothing(0.3)
+        for name in ("default_queue", "default_queue.dead"):
+            queue = stats["queues"][name]
+            assert (queue["ready"], queue["unacked"]) == (0, 0), "poison-1 still in " + name
     finally:
         client.close()
         rescuer.close()
@@ -308,6 +326,30 @@ def test_foreign_ack_is_refused_and_changes_nothing(connect):
         "Error: message 'own-1' is not delivered to this connection"
     assert json.loads(owner.call("stats"))["queues"]["default_queue"]["unacked"] == 1
     assert owner.call("ack own-1") == "ACK_CONFIRMED own-1"
+
+
+def test_a_late_ack_from_a_consumer_that_lost_the_message_is_refused(start_server):
+    """Stale ack: once an unacked message is taken back and handed to another consumer, the
+    first consumer's late ack is refused and the new holder's ack is the one that counts."""
+    clock = FakeClock()
+    server = start_server(redelivery_interval=30.0, clock=clock)
+    slow, other = Wire(server.address), Wire(server.address)
+    try:
+        assert slow.call(publish_line("stale-1").strip()) == "ACK stale-1"
+        message_id, body = parse_message(slow.call("fetch default_queue"))
+        assert (message_id, body["delivery_count"]) == ("stale-1", 1)
+        clock.advance(31)
+        server.broker.retry_unacknowledged()        # what the timer does when it is due
+        message_id, body = parse_message(other.call("fetch default_queue"))
+        assert (message_id, body["delivery_count"]) == ("stale-1", 2)
+        assert slow.call("ack stale-1") == \
+            "Error: message 'stale-1' is not delivered to this connection"
+        queue = json.loads(slow.call("stats"))["queues"]["default_queue"]
+        assert (queue["ready"], queue["unacked"]) == (0, 1), "the late ack took the message"
+        assert other.call("ack stale-1") == "ACK_CONFIRMED stale-1"
+    finally:
+        slow.close()
+        other.close()
 
 
 def test_repeated_ack_is_confirmed_again(connect):
@@ -388,7 +430,7 @@ def test_connections_beyond_the_limit_are_refused_cleanly(start_server):
         assert first.call("ping") == second.call("ping") == "PONG"
         third = Wire(server.address)
         assert third.text() == "Error: too many connections (max 2)"
-        assert third.closed_by_peer()
+        assert third.closed_by_peer() == b""
         third.close()
         assert first.call("ping") == "PONG"
     finally:
@@ -406,7 +448,8 @@ def test_clean_shutdown_leaves_no_thread_running():
     publisher.call(publish_line("bye-2").strip())
     parse_message(consumer.line())
     server.stop()
-    assert consumer.closed_by_peer() and publisher.closed_by_peer()
+    assert consumer.closed_by_peer() == b""
+    assert publisher.closed_by_peer() == b""
     leftover = [t for t in threading.enumerate() if t not in before and t.is_alive()]
     assert leftover == []
     consumer.close()
