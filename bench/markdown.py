@@ -134,7 +134,8 @@ python bin/Sender.py --port P --count N --key-reuse {{1|{key_reuse}}} --public-k
   subtracts it from `time.monotonic()` when the read that brought the message returns
   (CLOCK_MONOTONIC is one clock for every process on Linux). The same method on both sides.
   In 8, 1,000 connections (4 processes × 250) are opened first and held: raw TCP after one
-  `ping`/`PONG` for CipherMQ, full AMQP handshakes for RabbitMQ.
+  `ping`/`PONG` for CipherMQ, full AMQP handshakes for RabbitMQ, raw TCP after one
+  `PING`/`+PONG` for Redis.
 * **RSS (5)**: {queued_msgs} messages published pipelined to a fresh broker with no consumer;
   `VmRSS` of the broker process (beam.smp for RabbitMQ, redis-server for Redis: a stream
   with a consumer group and no reader) right after the last ACK.
