@@ -150,7 +150,7 @@ def run(scenarios, sizes, repeats, peers, stack):
             _say(f"[{scenario.number}] {scenario.title}: SKIPPED ({reason})")
             continue
         _say(f"[{scenario.number}] {scenario.title}")
-        for _ in range(repeats):
+        for _ in range(min(repeats, scenario.max_repeats or repeats)):
             results.record(scenario.number, "ours", scenario.ours, (sizes,))
             for side, (info, module, key) in running.items():
                 name = getattr(scenario, key)

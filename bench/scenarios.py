@@ -82,6 +82,7 @@ class Scenario:
     skip_reason: Callable = lambda: None   # a reason to skip it on this checkout, or None
     calibration: bool = False   # the harness's own ceiling, not a CipherMQ figure
     redis: str | None = None    # name of a function in redis_scenarios, or None
+    max_repeats: int | None = None  # fewer runs than --repeats (a slow, demonstrative one)
 
 
 def _throughput_row(key, target=None):
@@ -149,5 +150,5 @@ SCENARIOS = [
              skip_reason=e2e.missing_scripts),
     Scenario("6c", "e2e crypto, per-message RSA; RabbitMQ: a 3-node cluster, 3 --url",
              e2e.scenario_per_message_rsa, "scenario_e2e_cluster",
-             [_throughput_row("6c")], skip_reason=e2e.missing_scripts),
+             [_throughput_row("6c")], skip_reason=e2e.missing_scripts, max_repeats=1),
 ]
