@@ -17,7 +17,10 @@ _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from ciphermq import keys  # noqa: E402  (needs the path above)
+from ciphermq import cli  # noqa: E402  (needs the path above)
+
+cli.require_pycryptodome("RSA.py")      # else one line saying what to run, no traceback
+from ciphermq import keys  # noqa: E402
 from ciphermq.errors import UsageError  # noqa: E402
 
 
@@ -32,8 +35,9 @@ def rsa_bits(text):
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="RSA.py", description="Generate CipherMQ key pairs.")
-    parser.add_argument("--out-dir", default="keys", type=Path,
-                        help="directory for the key files (default: keys)")
+    parser.add_argument("--out-dir", default=cli.REPO_ROOT / "keys", type=Path,
+                        help="directory for the key files (default: keys/ of this checkout, "
+                             "where the scripts look for them)")
     parser.add_argument("--bits", default=2048, type=rsa_bits,
                         help="RSA modulus size in bits (default: 2048)")
     parser.add_argument("--force", action="store_true",

@@ -25,7 +25,11 @@ _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from ciphermq import cli, crypto  # noqa: E402  (needs the path above)
+from ciphermq import cli  # noqa: E402  (needs the path above)
+
+cli.require_pycryptodome("Receiver.py")     # else one line saying what to run, no traceback
+from ciphermq import crypto  # noqa: E402
+from ciphermq import receiver as receiving  # noqa: E402
 from ciphermq.errors import CorruptFile, DecryptionError, OutputWriteFailed, ServerError, UsageError  # noqa: E402
 from ciphermq.receiver import WRITE_FAILED, CrashHook, Receiver, open_store  # noqa: E402
 
@@ -80,37 +84,12 @@ def parse_args(argv):
     cli.add_connection_arguments(parser, declare=("exchange", "routing_key"))
     parser.add_argument("--queue", default="default_queue",
                         help="queue to consume (default %(default)s)")
-    parser.add_argument("--private-key", default="keys/receiver_private.pem", type=Path,
-                        help="the receiver's RSA private key (default %(default)s)")
+    parser.add_argument("--private-key", default=cli.default_key("receiver_private.pem"),
+                        type=Path, help="the receiver's RSA private key (default: keys/ of "
+                                        "this checkout, as `make keys` writes it)")
     parser.add_argument("--output", default="received_messages.json", type=Path,
                         help="messages, one JSON line each; the dedup store (default %(default)s)")
-    parser.add_argument("--rejects", type=Path,
-                        help="where envelopes that do not open are recorded "
-                             "(default: <output stem>.rejects.json)")
-    parser.add_argument("--prefetch", type=cli.non_negative_int, default=200,
-                        help="unacked messages the broker may push ahead; twice --ack-batch "
-                             "keeps the next batch coming while one is stored (default 200)")
-    parser.add_argument("--ack-batch", type=cli.positive_int, default=100, metavar="N",
-                        help="store at most N messages per fsync before acking them "
-                             "(default %(default)s)")
-    parser.add_argument("--decrypt-threads", type=cli.positive_int, default=2, metavar="N",
-                        help="decrypt up to N messages of a batch at once; RSA runs without "
-                             "the interpreter lock, so this uses more cores (default %(default)s)")
-    parser.add_argument("--ack-timeout", type=float, default=5.0, metavar="SECONDS",
-                        help="re-send an ack not confirmed within this (default 5)")
-    parser.add_argument("--max-messages", type=cli.positive_int, metavar="N",
-                        help="exit after storing N new messages")
-    parser.add_argument("--idle-exit", type=float, metavar="SECONDS",
-                        help="exit after this long without a new message")
-    security = parser.add_argument_group("envelope checks")
-    security.add_argument("--strict", action="store_true",
-                          help="refuse v1 envelopes (the document's original format)")
-    security.add_argument("--trusted-senders", type=Path, metavar="DIR",
-                          help="verify signatures against the NAME.pub files in DIR")
-    security.add_argument("--require-signature", action="store_true",
-                          help="refuse envelopes not signed by a trusted sender")
-    security.add_argument("--max-age", type=float, metavar="SECONDS",
-                          help="refuse envelopes sent longer ago than this (replay window)")
+    receiving.add_arguments(parser)
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="a status line for every message, and the client's log")
     return parser.parse_args(argv)
@@ -127,7 +106,7 @@ def main(argv=None):
                                max_age_seconds=args.max_age)
         options = cli.connection_options(args)
     except UsageError as exc:                   # KeyFileError too
-        print("❌ [RECEIVER] %s" % exc, file=sys.stderr)
+        print("❌ [RECEIVER] %s" % cli.key_error(exc, "--private-key"), file=sys.stderr)
         return 2
     try:
         store = open_store(args.output)

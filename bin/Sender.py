@@ -13,7 +13,8 @@ publishes in flight, reconnection -- is in ciphermq/sender.py; docs/CLIENTS.md
 has the details.
 
 Exit status: 0 if every message was acknowledged; 1 if not (the failures are
-named, and kept in the outbox); 2 for bad usage or unusable keys.
+named: kept in the outbox, moved to the rejects file if the broker refused
+them for good, or too large to send); 2 for bad usage or unusable keys.
 """
 import argparse
 import sys
@@ -24,10 +25,14 @@ _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from ciphermq import cli, crypto, protocol  # noqa: E402  (needs the path above)
+from ciphermq import cli  # noqa: E402  (needs the path above)
+
+cli.require_pycryptodome("Sender.py")   # else one line saying what to run, not a traceback
+from ciphermq import crypto, protocol  # noqa: E402
+from ciphermq import sender as delivery  # noqa: E402
 from ciphermq.errors import CorruptFile, ProtocolError, ServerError, UsageError  # noqa: E402
 from ciphermq.outbox import Outbox  # noqa: E402
-from ciphermq.sender import Record, Sender  # noqa: E402
+from ciphermq.sender import Record, Rejects, Sender  # noqa: E402
 
 TEST_MESSAGE = "Hello, Receiver! This is a secure test message from CipherMQ."
 
@@ -48,7 +53,8 @@ def send_message(sender, texts, sealer):
     then the outbox -- an earlier run's leftovers first -- is published, each
     message retried up to 3 times until ``ACK <id>`` comes back.
     """
-    sender.accept(texts, lambda text: encrypt_message_hybrid(sealer, text))
+    overhead = delivery.publish_overhead(sealer, sender.exchange, sender.routing_key)
+    sender.accept(texts, lambda text: encrypt_message_hybrid(sealer, text), overhead)
     return sender.deliver()
 
 
@@ -61,30 +67,22 @@ def parse_args(argv):
                         help="exchange to publish to (default %(default)s)")
     parser.add_argument("--routing-key", default="default_key",
                         help="routing key (default %(default)s)")
-    parser.add_argument("--public-key", default="keys/receiver_public.pem", type=Path,
-                        help="the receiver's RSA public key (default %(default)s)")
+    parser.add_argument("--public-key", default=cli.default_key("receiver_public.pem"),
+                        type=Path, help="the receiver's RSA public key (default: keys/ of this "
+                                        "checkout, as `make keys` writes it)")
     what = parser.add_argument_group("messages (with none of these: the document's test message)")
     what.add_argument("--message", action="append", default=[], metavar="TEXT",
                       help="a message to send (repeatable)")
     what.add_argument("--file", metavar="PATH",
                       help="send each line of PATH as one message (- for stdin)")
     what.add_argument("--count", type=int, metavar="N", help="send N generated test messages")
-    parser.add_argument("--window", type=cli.positive_int, default=32,
-                        help="publishes in flight before waiting for ACKs; 1 = one at a time, "
-                             "as in the document (default %(default)s)")
-    parser.add_argument("--ack-timeout", type=float, default=5.0, metavar="SECONDS",
-                        help="wait this long for each ACK before retrying (default 5)")
-    parser.add_argument("--outbox", default="pending_messages.json", type=Path,
-                        help="durable file of messages not yet ACKed (default %(default)s)")
+    delivery.add_arguments(parser)
     parser.add_argument("--key-reuse", type=cli.positive_int, default=1, metavar="N",
                         help="use one AES session key for up to N messages (default 1: a fresh "
                              "key, and an RSA operation, per message)")
     parser.add_argument("--signing-key", type=Path, metavar="PEM",
                         help="sign every envelope with this Ed25519 key (needs --sender)")
     parser.add_argument("--sender", metavar="NAME", help="the sender name put in envelopes")
-    parser.add_argument("--record", type=Path, metavar="PATH",
-                        help="append one JSON line per message attempted, ACKed, refused or "
-                             "given up, for `python -m ciphermq.checker` (default: none)")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="a status line for every message, and the client's log")
     args = parser.parse_args(argv)
@@ -118,22 +116,24 @@ def main(argv=None):
     cli.configure_logging(args.verbose)
     try:
         texts = read_messages(args)
-        sealer = crypto.Sealer(args.public_key, key_reuse=args.key_reuse,
-                               signing_key=args.signing_key, sender=args.sender)
+        sealer = crypto.Sealer(args.public_key, version=args.envelope_version, sender=args.sender,
+                               key_reuse=args.key_reuse, signing_key=args.signing_key)
         options = cli.connection_options(args)
     except (UsageError, OSError, UnicodeError) as exc:  # the last two: reading --file
-        print("❌ [SENDER] %s" % exc, file=sys.stderr)
+        print("❌ [SENDER] %s" % cli.key_error(exc, "--public-key"), file=sys.stderr)
         return 2
     try:
         record = Record(args.record) if args.record else None     # first: it changes nothing
         outbox = Outbox(args.outbox)
+        rejects = Rejects(args.rejects or args.outbox.with_name(delivery.DEFAULT_REJECTS))
     except (OSError, CorruptFile) as exc:
-        print("❌ [SENDER] cannot use the outbox or the record: %s" % exc, file=sys.stderr)
+        print("❌ [SENDER] cannot use the outbox, rejects or record: %s" % exc, file=sys.stderr)
         return 1
     sender = Sender(outbox, exchange=args.exchange, routing_key=args.routing_key,
                     window=args.window, ack_timeout=args.ack_timeout, connect_options=options,
-                    stop=cli.stop_on_signals(), record=record, verbose=args.verbose)
-    with outbox:
+                    stop=cli.stop_on_signals(), record=record, verbose=args.verbose,
+                    rejects=rejects, max_line_bytes=args.max_line_bytes)
+    with outbox, rejects:
         try:
             return send_message(sender, texts, sealer)
         except ServerError as exc:              # authentication refused

@@ -37,7 +37,7 @@ if str(HERE.parent) not in sys.path:
 
 from ciphermq import checker, rabbitmq_nodes  # noqa: E402  (needs the path above)
 
-SAVED = re.compile(r"\[RECEIVER\] (\d+) message\(s\) saved")
+SAVED = re.compile(r"\[RECEIVER\] (?:so far: )?(\d+) message\(s\) saved")
 SUBSCRIBED = re.compile(r"Subscribed to \S+ on (\S+)")
 
 

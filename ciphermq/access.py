@@ -147,10 +147,13 @@ def main(argv=None):
                                      description="Manage a CipherMQ users file.")
     commands = parser.add_subparsers(dest="command", required=True)
     add = commands.add_parser("add", help="add a user and print its new token")
-    add.add_argument("file")
-    add.add_argument("name")
-    add.add_argument("--publish", action="append", default=[], metavar="EXCHANGE")
-    add.add_argument("--consume", action="append", default=[], metavar="QUEUE")
+    add.add_argument("file", help="the users file the broker reads with --users (created 0600 "
+                                  "if missing)")
+    add.add_argument("name", help="the user's name, as given to `auth` or a client's --auth")
+    add.add_argument("--publish", action="append", default=[], metavar="EXCHANGE",
+                     help="may publish to EXCHANGE (repeat for more; * for every exchange)")
+    add.add_argument("--consume", action="append", default=[], metavar="QUEUE",
+                     help="may consume and fetch from QUEUE (repeat for more; * for every queue)")
     add.add_argument("--configure", action="store_true", help="may declare and bind")
     add.add_argument("--admin", action="store_true",
                      help="may purge, requeue dead letters and peek (ciphermq-admin)")

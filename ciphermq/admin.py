@@ -24,8 +24,8 @@ import threading
 import time
 
 from . import cli
-from .client import Client
-from .errors import CipherMQError
+from .brokers import connect_any
+from .errors import CipherMQError, UsageError
 
 
 def queues_table(stats):
@@ -115,8 +115,11 @@ def main(argv=None, out=None):
     args = build_parser().parse_args(argv)
     args.stop = cli.stop_on_signals() if args.command == "watch" else None
     try:
+        if any(url.kind != "ciphermq" for url in args.url or ()):
+            raise UsageError("ciphermq-admin speaks to CipherMQ brokers only; for RabbitMQ "
+                             "use its own tools (rabbitmqctl, the management plugin)")
         options = cli.connection_options(args)
-        with Client(**options) as client:
+        with connect_any(attempts=1, **options) as client:
             return run(args, client, out)
     except (CipherMQError, TimeoutError) as exc:
         print("Error: %s" % exc, file=sys.stderr)

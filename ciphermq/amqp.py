@@ -305,7 +305,7 @@ class AmqpClient:
         self.ack_async(message_id).result(self._wait(timeout))
 
     def reject_many(self, refusals):
-        """Reject ``(id, reason)`` deliveries without requeue: RabbitMQ moves them to ``<queue>.dead``.
+        """Reject ``(id, reason)`` deliveries without requeue (RabbitMQ: on to ``<queue>.dead``).
 
         The same call as :meth:`ciphermq.client.Client.reject_many`; AMQP's
         ``basic.reject`` carries no reason, so the reason stays in the

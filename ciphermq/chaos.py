@@ -18,9 +18,18 @@ of faults with probabilities (0..1), and an optional delay range::
 ``delay-ms=A-B``   hold every reply and push for A..B milliseconds
 =================  =========================================================
 
-Rolls come from one ``random.Random(seed)``, so a run with the same seed
-and the same traffic injects the same faults.  Every injected fault is
-logged at WARNING with the word CHAOS.
+What ``--chaos-seed N`` repeats: connections are numbered in the order the
+broker accepts them, and each gets its own random streams, seeded from
+``(N, its number)``: one for the faults of its commands (``drop-ack``,
+``drop-confirm``, ``disconnect``: one roll per command, in the order it sent
+them), one for its pushes (``drop-delivery``: one roll per message pushed
+to it, in push order) and one for delays.  So the same sequence of
+connections sending the same commands in the same order meets the same
+faults, whatever other connections do at the same time.  Which messages are
+pushed to which consumer, and when, still depends on timing (consumers
+compete, redelivery follows the clock), so a run with several consumers
+need not repeat push for push.  Without a seed every run differs.  Every
+injected fault is logged at WARNING with the word CHAOS.
 """
 import logging
 import random
@@ -58,16 +67,39 @@ def parse_spec(spec):
     return odds, delay
 
 
+#: The faults rolled per pushed message; the others are rolled per command.
+PUSH_FAULTS = ("drop-delivery",)
+
+
 class Chaos:
-    """Decides, reproducibly, when to inject each fault.  Thread-safe."""
+    """Decides, reproducibly, when to inject each fault.  Thread-safe.
+
+    :meth:`for_connection` gives each connection its own streams (see the
+    module docstring); :meth:`strikes` and :meth:`delay` here roll one shared
+    stream, for callers that have no connection.
+    """
 
     def __init__(self, spec, seed=None):
         self.spec = spec
+        self.seed = seed
         self.odds, self.delay_ms = parse_spec(spec)
-        #: Guards _random: rolls from many connection threads share one sequence.
+        #: Guards _random, _connections and injected: shared by every connection thread.
         self._lock = threading.Lock()
         self._random = random.Random(seed)
+        self._connections = 0
         self.injected = dict.fromkeys(FAULTS, 0)
+
+    def for_connection(self):
+        """The next connection's :class:`ConnectionChaos`; call it in accept order."""
+        with self._lock:
+            self._connections += 1
+            number = self._connections
+        return ConnectionChaos(self, number)
+
+    def _count(self, fault, what):
+        with self._lock:
+            self.injected[fault] += 1
+        log.warning("CHAOS %s: %s", fault, what)
 
     def strikes(self, fault, what):
         """Roll for ``fault``; if it strikes, count and log it (``what`` says where)."""
@@ -89,3 +121,44 @@ class Chaos:
             return 0.0
         with self._lock:
             return self._random.uniform(low, high) / 1000.0
+
+
+class ConnectionChaos:
+    """One connection's fault decisions: its own random streams, seeded from (seed, number).
+
+    ``commands`` is rolled only by the connection's reader thread, ``pushes``
+    only by its delivery thread, and ``delays`` under ``_lock`` (both threads
+    pause); so no lock is needed for the first two.
+    """
+
+    def __init__(self, chaos, number):
+        self.chaos = chaos
+        self.number = number
+        seed = chaos.seed
+
+        def stream(name):
+            return random.Random(None if seed is None else "%d:%d:%s" % (seed, number, name))
+
+        self._commands = stream("commands")
+        self._pushes = stream("pushes")
+        self._delays = stream("delays")
+        self._lock = threading.Lock()   # guards _delays: both of the connection's threads pause
+
+    def strikes(self, fault, what):
+        """Roll this connection's next decision for ``fault``; count and log a strike."""
+        odds = self.chaos.odds.get(fault)
+        if not odds:
+            return False
+        rolls = self._pushes if fault in PUSH_FAULTS else self._commands
+        if rolls.random() < odds:
+            self.chaos._count(fault, "%s (connection %d)" % (what, self.number))
+            return True
+        return False
+
+    def delay(self):
+        """Seconds to hold the next reply or push (0 when no delay is configured)."""
+        low, high = self.chaos.delay_ms
+        if not high:
+            return 0.0
+        with self._lock:
+            return self._delays.uniform(low, high) / 1000.0

@@ -8,8 +8,9 @@ The checker reads only what the scripts leave behind, never the broker:
 
 * the Sender's ``--record`` file(s) (:class:`ciphermq.sender.Record`: one JSON
   line per event, whatever ``-v`` says; runs may share one file or have one
-  each): ``attempted`` and ``acked`` lines count, ``refused`` and ``failed``
-  are noted by the Sender but need no count here;
+  each): ``attempted``, ``acked`` and ``rejected`` (refused for good: in the
+  Sender's rejects file, so not dropped) lines count, ``refused`` and
+  ``failed`` are noted by the Sender but need no count here;
 * the Receiver's output file (stored) and its rejects file (refused, with a reason);
 * the Sender's outbox, which holds what a sender that gave up will send next run.
 
@@ -61,6 +62,7 @@ class Tally:
         self.acked = set()
         self.stored = collections.Counter()     # id -> lines in the output
         self.rejected = set()
+        self.refused = set()                    # refused for good by the broker (Sender)
         self.held = set()                       # pending in an outbox
         self.outbox_checked = False
         self.torn = []                          # files whose torn last line was ignored
@@ -87,7 +89,7 @@ class Tally:
         if not self.outbox_checked:
             return []
         delivered = set(self.stored) | self.rejected
-        return sorted(set(self.never_acked) - self.held - delivered)
+        return sorted(set(self.never_acked) - self.held - delivered - self.refused)
 
     @property
     def unexpected(self):
@@ -117,6 +119,10 @@ class Tally:
         else:
             lines.append("📋 [CHECKER] never ACKed %d (%d still held in an outbox)"
                          % (c["never_acked"], c["held"]))
+        if self.refused:
+            lines.append("🚫 [CHECKER] refused for good by the broker %d (in the Sender's "
+                         "rejects file, not dropped): %s"
+                         % (len(self.refused), _some(sorted(self.refused))))
         for path in self.torn:
             lines.append("✂️ [CHECKER] Ignored a torn last line in %s" % path)
         if self.unexpected:
@@ -207,6 +213,8 @@ def _read_record(path, tally):
             tally.attempted.add(message_id)
         elif event == "acked":
             tally.acked.add(message_id)
+        elif event == "rejected":
+            tally.refused.add(message_id)
 
 
 def _records(path, tally):

@@ -9,11 +9,44 @@ import logging
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from . import amqp, brokers, urls
 from .client import check_auth
+from .config import port_number
 from .errors import MissingDependency, UsageError
 from .transport import client_tls_context
+
+#: The checkout the scripts run from: default key paths are resolved against it, so the
+#: scripts find ``make keys``'s files from any working directory.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MAKE_KEYS_HINT = "run `make keys` in %s, or name the key file with %%s" % REPO_ROOT
+
+
+def require_pycryptodome(script):
+    """Exit with one line saying what to run if this Python cannot import pycryptodome.
+
+    Called by the scripts before they import :mod:`ciphermq.crypto`.
+    """
+    try:
+        from Crypto.Signature import eddsa  # noqa: F401  (pycryptodome's, not PyCrypto's)
+    except ImportError:
+        print("❌ %s needs pycryptodome, which %s cannot import: run `make install`, then "
+              "`.venv/bin/python bin/%s` (or activate .venv first)"
+              % (script, sys.executable, script), file=sys.stderr)
+        sys.exit(2)
+
+
+def default_key(name):
+    """The default path of a key made by ``make keys``: ``keys/NAME`` in the checkout."""
+    return REPO_ROOT / "keys" / name
+
+
+def key_error(exc, option):
+    """The text for an unusable key file; a missing one names ``option`` and ``make keys``."""
+    if isinstance(exc.__cause__, FileNotFoundError) or "No such file" in str(exc):
+        return "%s: %s" % (exc, MAKE_KEYS_HINT % option)
+    return str(exc)
 
 
 def add_connection_arguments(parser, *, default_port=5672, declare=()):
@@ -30,7 +63,7 @@ def add_connection_arguments(parser, *, default_port=5672, declare=()):
                             "amqp://user:pass@host:port/vhost or amqps://... (RabbitMQ); "
                             "repeat for a failover list (default: ciphermq://HOST:PORT)")
     group.add_argument("--host", default="127.0.0.1", help="broker address (default %(default)s)")
-    group.add_argument("--port", type=int, default=default_port,
+    group.add_argument("--port", type=port_number, default=default_port,
                        help="broker port (default %(default)s)")
     group.add_argument("--heartbeat", type=float, default=5.0, metavar="SECONDS",
                        help="ping the broker after this long without a byte from it; no answer "

@@ -48,7 +48,7 @@ from typing import NamedTuple
 
 from . import protocol
 from .errors import ConnectionLost, ServerError
-from .transport import PlainTransport, TlsTransport, TransportError
+from .transport import PLAINTEXT_ON_TLS_PORT, PlainTransport, TlsTransport, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -422,6 +422,8 @@ class Client:
     def _dispatch(self, line):
         if isinstance(line, protocol.LineTooLong):
             raise ConnectionLost("the broker sent a line over %d bytes" % line.limit)
+        if line == PLAINTEXT_ON_TLS_PORT.rstrip(b"\n"):    # not an answer: the whole connection
+            raise ConnectionLost(line[len(b"Error: "):].decode("ascii"))
         with self._mutex:
             head = self._pending[0] if self._pending else None
             is_push = line.startswith(b"Message: ") and (head is None or head.expect is not FETCH)

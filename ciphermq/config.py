@@ -1,4 +1,5 @@
 """Server settings and limits, with the defaults the command line shows."""
+import argparse
 import dataclasses
 from typing import Optional
 
@@ -56,3 +57,11 @@ class ServerConfig:
     http_request_timeout: float = 10.0   # a dashboard request must arrive within this
     http_max_request_bytes: int = 8192   # request line + headers, at most
     http_max_connections: int = 32       # dashboard requests served at once
+
+
+def port_number(text):
+    """argparse type: a TCP port, 0 to 65535 (0: any free one)."""
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError("must be from 0 to 65535")
+    return value

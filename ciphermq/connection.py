@@ -76,7 +76,7 @@ class Connection(socketserver.BaseRequestHandler):
         #: that is made); may be held while taking broker.mutex, never the reverse.
         self.send_lock = None
         self.thread = threading.current_thread()
-        self.chaos = self.server.chaos  # None unless --chaos: see ciphermq/chaos.py
+        self.chaos = self.server.connection_chaos(self.request)   # None unless --chaos
         self.transport = None
         #: Who this is; None until authenticated when the broker has --users.
         self.principal = ANONYMOUS if self.server.users is None else None
@@ -278,10 +278,32 @@ class Connection(socketserver.BaseRequestHandler):
             results, writers = self.broker.publish_many([item for item, _ in group])
             self._must_sync = True  # even a duplicate's first copy may not be on disk yet
             ids = [item[2] for item, _ in group]
+        else:
+            self._run_acks([item for item, _ in group], group)
+            return
+        self._fill_group_replies(kind, ids, group, results, writers)
+
+    def _run_acks(self, ids, group):
+        """Acknowledge a group, and write its replies before any push the acks made room for.
+
+        ``ACK_CONFIRMED <id>`` precedes the next ``Message:`` on the wire: the
+        delivery thread needs ``send_lock`` to write the new pushes, and this
+        thread holds it from the acknowledgement until the replies are out.
+        A client reading one line per ``recv`` relies on it (docs/PROTOCOL.md,
+        "The document's original clients").  As in do_consume, earlier replies
+        that need the disk wait for it first.
+        """
+        if not self._sync():
+            return
+        with self.send_lock:
+            results, writers = self.broker.acknowledge_many(self.session, ids)
+            self._fill_group_replies("ack", ids, group, results, writers)
+            self._flush_locked()
+
+    def _fill_group_replies(self, kind, ids, group, results, writers):
+        if kind == "publish":
             reply, fault, what = protocol.ack_reply, "drop-ack", "ACK"
         else:
-            ids = [item for item, _ in group]
-            results, writers = self.broker.acknowledge_many(self.session, ids)
             reply, fault, what = protocol.ack_confirmed_reply, "drop-confirm", "ACK_CONFIRMED"
         self._push_writers.extend(writers)
         log_acks = kind == "ack" and log.isEnabledFor(logging.DEBUG)

@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 from .brokers import connect_any
+from .cli import non_negative_int, positive_int
 from .errors import ConnectionLost, OutputWriteFailed, ServerError, UsageError
 from .store import JsonLinesFile, MessageStore, encode
 
@@ -161,11 +162,18 @@ class Report:
             self.progress(only_if_changed=True)
 
     def progress(self, only_if_changed=False):
+        """The once-a-second 📊 line, "so far"; ``only_if_changed``: not a repeat, not all 0."""
         counts = (self.saved, self.duplicates, self.rejected)
         if only_if_changed and counts in (self._last_progress, (0, 0, 0)):
             return
         self._last_progress = counts
-        self.say("📊 [RECEIVER] %d message(s) saved, %d duplicate(s), %d rejected" % counts)
+        self.say("📊 [RECEIVER] so far: %d message(s) saved, %d duplicate(s), %d rejected"
+                 % counts)
+
+    def summary(self):
+        """The 📊 summary, printed once, as the run's last line."""
+        self.say("📊 [RECEIVER] %d message(s) saved, %d duplicate(s), %d rejected"
+                 % (self.saved, self.duplicates, self.rejected))
 
 
 class Receiver:
@@ -453,7 +461,7 @@ class Receiver:
                     file.close()
             except OSError:
                 pass            # a failed write was reported already; nothing unwritten was acked
-        self.report.progress()
+        self.report.summary()
 
 
 def envelope_digest(body):
@@ -496,3 +504,34 @@ def open_store(path):
 def _now():
     """The local time as ISO 8601 with its UTC offset, to the millisecond."""
     return datetime.datetime.now().astimezone().isoformat(timespec="milliseconds")
+
+
+def add_arguments(parser):
+    """The Receiver's delivery and envelope options (bin/Receiver.py adds the rest)."""
+    parser.add_argument("--rejects", type=Path,
+                        help="where envelopes that do not open are recorded "
+                             "(default: <output stem>.rejects.json)")
+    parser.add_argument("--prefetch", type=non_negative_int, default=200,
+                        help="unacked messages the broker may push ahead; twice --ack-batch "
+                             "keeps the next batch coming while one is stored (default 200)")
+    parser.add_argument("--ack-batch", type=positive_int, default=100, metavar="N",
+                        help="store at most N messages per fsync before acking them "
+                             "(default %(default)s)")
+    parser.add_argument("--decrypt-threads", type=positive_int, default=2, metavar="N",
+                        help="decrypt up to N messages of a batch at once; RSA runs without "
+                             "the interpreter lock, so this uses more cores (default %(default)s)")
+    parser.add_argument("--ack-timeout", type=float, default=5.0, metavar="SECONDS",
+                        help="re-send an ack not confirmed within this (default 5)")
+    parser.add_argument("--max-messages", type=positive_int, metavar="N",
+                        help="exit after storing N new messages")
+    parser.add_argument("--idle-exit", type=float, metavar="SECONDS",
+                        help="exit after this long without a new message")
+    security = parser.add_argument_group("envelope checks")
+    security.add_argument("--strict", action="store_true",
+                          help="refuse v1 envelopes (the document's original format)")
+    security.add_argument("--trusted-senders", type=Path, metavar="DIR",
+                          help="verify signatures against the NAME.pub files in DIR")
+    security.add_argument("--require-signature", action="store_true",
+                          help="refuse envelopes not signed by a trusted sender")
+    security.add_argument("--max-age", type=float, metavar="SECONDS",
+                          help="refuse envelopes sent longer ago than this (replay window)")

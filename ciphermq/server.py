@@ -34,7 +34,7 @@ from . import __version__, recovery
 from .access import Users
 from .broker import Broker
 from .chaos import Chaos, ChaosSpecError
-from .config import ServerConfig
+from .config import ServerConfig, port_number
 from .connection import Connection
 from .dashboard import Dashboard
 from .envelope import EnvelopeLimits
@@ -83,9 +83,10 @@ class BrokerServer(socketserver.ThreadingTCPServer):
                 raise
         self.broker.declare_defaults()
         #: Guards _connections (the open Connection handlers), _admitted
-        #: (accepted and not yet finished, for max_connections) and _stopping.
+        #: (accepted and not yet finished, for max_connections), _chaos_for and _stopping.
         self._connections_lock = threading.Lock()
         self._connections = set()
+        self._chaos_for = {}        # accepted socket -> its ConnectionChaos, until set up
         self._admitted = 0
         self._stopping = False
         self._timer = RedeliveryTimer(self.broker)
@@ -212,6 +213,18 @@ class BrokerServer(socketserver.ThreadingTCPServer):
             pass
         return False
 
+    def process_request(self, request, client_address):
+        """In the accepting thread, so chaos numbers connections in the order they came."""
+        if self.chaos is not None:
+            with self._connections_lock:
+                self._chaos_for[request] = self.chaos.for_connection()
+        super().process_request(request, client_address)
+
+    def connection_chaos(self, request):
+        """The ConnectionChaos made for ``request`` at accept time (None without --chaos)."""
+        with self._connections_lock:
+            return self._chaos_for.pop(request, None)
+
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
@@ -244,7 +257,7 @@ def build_parser():
                     "and keeps every message until a receiver acknowledges it.")
     add = parser.add_argument
     add("--host", default=defaults.host, help="address to listen on (default %(default)s)")
-    add("--port", type=int, default=defaults.port,
+    add("--port", type=port_number, default=defaults.port,
         help="port to listen on; 0 = any free port, logged at start (default %(default)s)")
     add("--redelivery-interval", type=float, default=defaults.redelivery_interval,
         metavar="SECONDS", help="redeliver unacked messages after this (default %(default)s)")
@@ -313,8 +326,10 @@ def build_parser():
         help="inject faults for teaching, e.g. drop-ack=0.05,drop-confirm=0.05,"
              "drop-delivery=0.02,disconnect=0.01,delay-ms=0-20 (default: off)")
     add("--chaos-seed", type=int, default=None, metavar="N",
-        help="seed for --chaos, so a run can be repeated")
-    add("--http-port", type=int, default=None, metavar="PORT",
+        help="seed for --chaos: connections, numbered in accept order, each roll their own "
+             "seeded dice, so the same connections sending the same commands meet the same "
+             "faults (which consumer gets which push still depends on timing)")
+    add("--http-port", type=port_number, default=None, metavar="PORT",
         help="serve a read-only dashboard, /api/stats and Prometheus /metrics on this port "
              "of --host; 0 = any free port, logged at start (default: off)")
     add("--log-level", default="INFO",

@@ -111,6 +111,10 @@ class PlainTransport:
         self.sock.close()
 
 
+#: What a TLS broker answers a client that speaks plain text to it, before closing.
+PLAINTEXT_ON_TLS_PORT = b"Error: the broker expects TLS: pass --tls-ca\n"
+
+
 class TlsTransport(PlainTransport):
     """TLS over memory BIOs; see the module docstring for why.
 
@@ -136,6 +140,7 @@ class TlsTransport(PlainTransport):
     def _handshake(self, timeout):
         """Single-threaded: nobody else uses the connection yet, so no lock is needed."""
         deadline = time.monotonic() + timeout
+        got_any = False
         while True:
             try:
                 self._tls.do_handshake()
@@ -154,11 +159,31 @@ class TlsTransport(PlainTransport):
                 continue                    # read tick: check the deadline again
             if not data:
                 raise TransportError("connection closed during the TLS handshake")
+            if not got_any:
+                got_any = True
+                self._check_peer_speaks_tls(data)
             self._incoming.write(data)
         # The segment that finished the handshake may also carry application
         # data: decrypt it now, or no socket event would ever announce it.
         self._early = self._decrypt_available()
         self._write_outgoing()
+
+    def _check_peer_speaks_tls(self, data):
+        """Name a TLS/plain mismatch from the peer's first bytes (a TLS record starts 0x15-0x17).
+
+        A server tells a plaintext client so in a line it can read, then
+        gives up; a client meeting a plaintext server gives up with the fix.
+        """
+        if data[:1] in (b"\x15", b"\x16", b"\x17"):
+            return
+        if self._tls.server_side:
+            try:
+                self.sock.sendall(PLAINTEXT_ON_TLS_PORT)
+            except OSError:
+                pass
+            raise TransportError("a plaintext client on the TLS port")
+        raise TransportError("the broker does not use TLS: connect without --tls-ca, or to "
+                             "its TLS port")
 
     def _write_outgoing(self):
         data = self._outgoing.read()

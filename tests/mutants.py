@@ -93,7 +93,7 @@ MUTANTS = [
            "a late ack from a consumer whose delivery was taken back is refused",
            (("ciphermq/broker.py",
              "                        del session.held[message.id]    # pulled, lost, or skipped",
-             "                        pass                            # pulled, lost, or skipped"),),
+             "                        pass  # pulled, lost, or skipped"),),
            ("tests/test_server.py"
             "::test_a_late_ack_from_a_consumer_that_lost_the_message_is_refused",)),
     Mutant("dedup-forgotten",

@@ -117,3 +117,17 @@ def test_access_cli_adds_a_user(tmp_path, capsys):
     token = capsys.readouterr().out.rsplit(" ", 1)[1].strip()
     principal = access.Users.load(str(path)).authenticate("carol", token)
     assert principal.name == "carol" and principal.configure
+
+
+def test_access_add_explains_every_argument():
+    """`python -m ciphermq.access add --help` says what each argument is for (a newcomer's
+    first look at the users file), not just its name."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "ciphermq.access", "add", "--help"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0
+    for words in ("the users file the broker reads with --users", "the user's name",
+                  "may publish to EXCHANGE", "may consume and fetch from QUEUE",
+                  "may declare and bind", "may purge"):
+        assert words in " ".join(done.stdout.split()), words

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import envelope, parse_message, publish_line
+from conftest import WAIT, envelope, parse_message, publish_line
 
 from ciphermq import access
 from ciphermq.broker import Broker
@@ -253,3 +253,12 @@ def test_admin_speaks_tls_with_the_scripts_options(start_server, certs):
                             str(server.address[1]), "--heartbeat", "1", "queues"],
                            capture_output=True, text=True, timeout=PATIENCE)
     assert plain.returncode == 1 and plain.stderr.startswith("Error: ")
+
+
+def test_an_amqp_url_is_refused_with_one_line():
+    """ciphermq-admin speaks only our line protocol: an amqp:// URL is one Error line, status 1."""
+    result = subprocess.run([sys.executable, "-m", "ciphermq.admin", "--url",
+                             "amqp://127.0.0.1:1", "queues"],
+                            capture_output=True, text=True, timeout=WAIT)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("Error: ciphermq-admin speaks to CipherMQ brokers only")

@@ -21,7 +21,7 @@ from ciphermq import checker, rabbitmq_nodes
 #: How long a step of a run may take before the test fails (a bound, never a sleep).
 PATIENCE = 120.0
 CLUSTER_DEMO = str(REPO / "bin" / "cluster_demo.py")
-SAVED = re.compile(r"\[RECEIVER\] (\d+) message\(s\) saved")
+SAVED = re.compile(r"\[RECEIVER\] (?:so far: )?(\d+) message\(s\) saved")
 
 
 def names():

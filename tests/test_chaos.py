@@ -111,3 +111,34 @@ def test_disconnect_drops_the_connection_and_says_so(start_server, caplog):
     finally:
         client.close()
     assert any("CHAOS disconnect" in record.message for record in caplog.records)
+
+
+def _scripted_run(start_server, seed):
+    """Two connections, opened one after the other, then publishing 60 messages each at the
+    same time; returns the ids each was ACKed for (the others' ACKs were withheld)."""
+    server = start_server(chaos="drop-ack=0.5", chaos_seed=seed)
+    clients = [Wire(server.address), Wire(server.address)]
+    try:
+        for client in clients:              # accepted in this order: connection 1, then 2
+            assert client.call("ping") == "PONG"
+        for n, client in enumerate(clients):
+            client.send("".join(publish_line("c%d-%d" % (n, i)) for i in range(60)) + "ping\n")
+        acked = []
+        for client in clients:
+            replies = []
+            while not replies or replies[-1] != "PONG":
+                replies.append(client.text())
+            acked.append(replies[:-1])
+        return acked
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_the_same_seed_repeats_the_same_faults_per_connection(start_server):
+    """With --chaos-seed, the same connections sending the same commands meet the same faults,
+    even while they run at the same time; another seed meets others."""
+    first = _scripted_run(start_server, 7)
+    assert first == _scripted_run(start_server, 7)
+    assert 0 < len(first[0]) < 60 and 0 < len(first[1]) < 60
+    assert first != _scripted_run(start_server, 8)

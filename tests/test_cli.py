@@ -5,9 +5,13 @@ import socket
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 from conftest import WAIT, publish_line
+from scripts import load_script
+
+BIN = Path(__file__).resolve().parent.parent / "bin"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -58,7 +62,8 @@ def test_port_in_use_is_a_clear_error(broker_process):
 
 
 def test_the_documents_original_clients_work_untouched(broker_process):
-    """Wire compatibility: the seed's Sender/Receiver exchange, byte for byte as they did it."""
+    """Wire compatibility for one message: the original Sender's publish and its one recv for
+    the ACK; the receiving side in full is in tests/test_legacy_clients.py."""
     broker = broker_process()
     address = ("127.0.0.1", broker.port)
     # The original Sender: one connection per message, send, one recv(1024), close.
@@ -90,3 +95,48 @@ def test_console_script_is_installed():
     assert script, "ciphermq-server console script not installed"
     result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=WAIT * 2)
     assert result.returncode == 0 and "--redelivery-interval" in result.stdout
+
+
+@pytest.mark.parametrize("script", ["Sender.py", "Receiver.py", "RSA.py"])
+def test_a_script_without_pycryptodome_says_what_to_run(script, tmp_path):
+    """Run by a Python that cannot import pycryptodome (-S -I: no site-packages), a script
+    prints one line naming `make install` and the venv's python, exit 2, no traceback."""
+    result = subprocess.run([sys.executable, "-S", "-I", str(BIN / script), "--help"],
+                            capture_output=True, text=True, timeout=WAIT * 2, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert "make install" in line and ".venv/bin/python bin/%s" % script in line
+
+
+@pytest.mark.parametrize("script, option", [("Sender.py", "--public-key"),
+                                            ("Receiver.py", "--private-key")])
+def test_a_missing_key_names_its_option_and_make_keys(script, option, tmp_path):
+    """A key file that is not there is one line naming the option and `make keys`, exit 2."""
+    result = subprocess.run([sys.executable, str(BIN / script), option, "absent.pem"],
+                            capture_output=True, text=True, timeout=WAIT * 2, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "make keys" in result.stderr and option in result.stderr
+
+
+@pytest.mark.parametrize("script", ["Sender.py", "Receiver.py"])
+def test_the_default_keys_are_found_from_any_directory(script, tmp_path):
+    """The default key paths are the checkout's keys/, not relative to the working directory."""
+    result = subprocess.run([sys.executable, str(BIN / script), "--help"],
+                            capture_output=True, text=True, timeout=WAIT * 2, cwd=tmp_path)
+    assert "keys/ of this checkout" in " ".join(result.stdout.split())
+    module = load_script(script[:-3])
+    args = module.parse_args([])
+    key = args.public_key if script == "Sender.py" else args.private_key
+    assert key.parent == BIN.parent / "keys"
+
+
+@pytest.mark.parametrize("argv", [["bin/Sender.py", "--port", "99999"],
+                                  ["bin/Receiver.py", "--port", "-1"],
+                                  ["-m", "ciphermq.server", "--port", "65536"]])
+def test_ports_outside_0_to_65535_are_refused_by_argparse(argv):
+    """--port must be a TCP port: argparse refuses anything outside 0-65535, exit 2."""
+    result = subprocess.run([sys.executable, *argv], capture_output=True, text=True,
+                            timeout=WAIT * 2, cwd=BIN.parent)
+    assert result.returncode == 2 and "must be from 0 to 65535" in result.stderr

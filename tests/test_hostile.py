@@ -37,6 +37,7 @@ from conftest import WAIT, Wire, envelope, parse_message, publish_line
 from scripts import require_openssl
 
 from ciphermq import access
+from ciphermq.transport import PLAINTEXT_ON_TLS_PORT
 
 REPO = Path(__file__).resolve().parent.parent
 LIMIT = 8192                    # max_line_bytes of the "small" profile
@@ -561,17 +562,36 @@ def closes_without_a_line(sock):
     return b"\n" not in data or not data.isascii()     # a TLS alert at most, never a reply
 
 
+def closes_with_the_tls_hint_at_most(sock):
+    """True once the broker closes ``sock`` having sent, as text, at most the one line that
+    tells a plaintext client to use TLS (never a reply to what it sent)."""
+    data = b""
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data in (b"", PLAINTEXT_ON_TLS_PORT) or b"\n" not in data or not data.isascii()
+
+
 def run_tls_garbage(ctx):
     sock = ctx.raw()
     sock.sendall(random.Random(5).randbytes(4000) + b"\n" + publish_line("tg-1").encode())
-    assert closes_without_a_line(sock)
+    assert closes_with_the_tls_hint_at_most(sock)
     assert_nothing_stored(ctx)
 
 
 def run_tls_plaintext(ctx):
     sock = ctx.raw()
     sock.sendall(b"ping\n" + publish_line("tp-1").encode())
-    assert closes_without_a_line(sock)
+    data = b""
+    while not data.endswith(b"\n"):
+        data += sock.recv(4096)
+    assert data == PLAINTEXT_ON_TLS_PORT       # the hint, then the close: nothing executed
+    assert closes_with_the_tls_hint_at_most(sock)
     assert_nothing_stored(ctx)
 
 
@@ -927,10 +947,11 @@ CASES = [
          "the message is requeued and redelivered (delivery_count 2)", run_rst_holding_a_message),
     # -- TLS -----------------------------------------------------------------------------------
     Case("tls-garbage", "4,000 random bytes and a publish to a TLS port",
-         "handshake fails, connection closed, nothing executed", run_tls_garbage, profile="tls"),
+         "handshake fails, at most `Error: the broker expects TLS: pass --tls-ca`, connection "
+         "closed, nothing executed", run_tls_garbage, profile="tls"),
     Case("tls-plaintext", "plain-text commands to a TLS port",
-         "handshake fails, connection closed, nothing executed", run_tls_plaintext,
-         profile="tls"),
+         "`Error: the broker expects TLS: pass --tls-ca`, connection closed, nothing executed",
+         run_tls_plaintext, profile="tls"),
     Case("tls-handshake-stall", "a TCP connection to a TLS port that never starts the handshake",
          "closed at auth_timeout (the handshake deadline)", run_tls_handshake_stall,
          profile="tls"),

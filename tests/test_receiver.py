@@ -217,6 +217,18 @@ def test_a_signal_finishes_the_messages_in_hand_and_exits_0(sig, server, keys, s
     assert receiver.lines[-1].startswith("📊 [RECEIVER]")
 
 
+def test_ctrl_c_prints_the_summary_once(server, keys, spawn, tmp_path):
+    """On SIGINT, after progress lines, the 📊 summary is printed once, as the last line."""
+    publish_sealed(server.address, keys, ["summary %d" % i for i in range(20)])
+    receiver = spawn(receiver_args(server.address[1], keys, tmp_path / "out.json"))
+    receiver.wait_for("20 message(s) saved")       # the once-a-second progress line
+    receiver.proc.send_signal(signal.SIGINT)
+    assert receiver.wait() == 0, receiver.stderr
+    summary = "📊 [RECEIVER] 20 message(s) saved, 0 duplicate(s), 0 rejected"
+    assert receiver.lines[-1] == summary
+    assert receiver.lines.count(summary) == 1
+
+
 def test_idle_exit_stops_a_receiver_with_nothing_to_do(server, keys, spawn, tmp_path):
     """--idle-exit ends the run, status 0, once nothing new has come for that long."""
     receiver = spawn(receiver_args(server.address[1], keys, tmp_path / "out.json",

@@ -21,7 +21,8 @@ def test_a_reused_id_with_different_content_gets_an_error_on_the_wire(connect):
 
 
 def test_the_sender_reports_a_reused_id_as_refused_once(server, connect, keys, tmp_path):
-    """The Sender shows the refusal and does not send that message again in the run."""
+    """The Sender shows the refusal once, moves the message to its rejects file (final),
+    and does not send it again."""
     assert connect().call(publish_line("taken-1", ciphertext="Zmlyc3Q=").strip()) == \
         "ACK taken-1"
     outbox = tmp_path / "outbox.json"
@@ -29,10 +30,13 @@ def test_the_sender_reports_a_reused_id_as_refused_once(server, connect, keys, t
         pending.add([record(envelope("taken-1", ciphertext="b3RoZXI="),
                             "default_exchange", "default_key")])
     result = run_sender(server.address[1], keys, outbox, "--message", "fresh")
-    refusals = [line for line in result.stdout.splitlines()
-                if "Broker refused message taken-1" in line]
-    assert refusals == ["⚠️ [SENDER] Broker refused message taken-1: message_id taken-1 "
-                        "already used for different content"], result.stdout
+    refusals = [line for line in result.stdout.splitlines() if "taken-1" in line and
+                ("refused" in line or "Sending" in line)]
+    assert refusals == [
+        "🚀 [SENDER] Sending message taken-1...",
+        "🚫 [SENDER] Message taken-1 refused for good (message_id taken-1 already used for "
+        "different content): moved to %s" % (tmp_path / "rejected_messages.json")], result.stdout
+    assert "taken-1" not in outbox.read_text(), "final: the outbox forgets it"
     assert server.broker.stats()["totals"]["published"] == 2, "taken-1 once, fresh once"
 
 

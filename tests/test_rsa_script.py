@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import Crypto
+from scripts import load_script
 
 from ciphermq import crypto
 from ciphermq import keys as keyfiles
@@ -51,12 +52,12 @@ def test_refuses_to_overwrite_without_force(tmp_path):
     assert mode(private_path) == 0o600
 
 
-def test_default_out_dir_is_keys_under_the_working_directory(tmp_path):
-    """Without --out-dir the pair lands in ./keys, wherever the script is run from."""
-    result = run("--bits", 1024, cwd=tmp_path, script=REPO / "bin" / "RSA.py")
-    assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == [
-        "receiver_private.pem", "receiver_public.pem"]
+def test_default_out_dir_is_the_checkouts_keys_where_the_scripts_look(tmp_path):
+    """Without --out-dir the pair goes to the checkout's keys/, wherever the script is run
+    from: where Sender.py and Receiver.py look by default."""
+    result = run("--help", cwd=tmp_path, script=REPO / "bin" / "RSA.py")
+    assert result.returncode == 0 and "keys/ of this checkout" in " ".join(result.stdout.split())
+    assert load_script("RSA").parse_args([]).out_dir == REPO / "keys"
 
 
 def test_runs_without_the_package_installed(tmp_path):

@@ -1,6 +1,7 @@
 """bin/Sender.py as a process: every message ACKed once, through lost ACKs, kills and outages."""
 import json
 import os
+import stat
 
 import pytest
 from scripts import (
@@ -62,7 +63,7 @@ def test_many_messages_give_a_progress_line_not_one_line_each(server, keys, tmp_
     result = run_sender(server.address[1], keys, tmp_path / "pending.json", "--count", "50")
     assert result.returncode == 0, result.stderr
     assert "🚀" not in result.stdout and "✅" not in result.stdout
-    assert "📊 [SENDER] 50 of 50 messages acknowledged" in result.stdout
+    assert "ACKed 50 of 50" in result.stdout
 
 
 def test_the_record_names_every_message_attempted_and_acked_even_without_v(
@@ -177,16 +178,39 @@ def test_a_half_open_connection_is_detected_and_the_sender_carries_on(
     assert_exactly_once(records, ["Test message %d of 60" % i for i in range(1, 61)])
 
 
-def test_broker_refusals_are_retried_then_reported(server, keys, tmp_path):
-    """A message the broker refuses (unroutable) fails after 3 attempts, named, and stays."""
+def test_a_refused_publish_moves_to_the_rejects_file_and_the_rest_go_on(server, keys, tmp_path):
+    """A message the broker refuses for good (unroutable) leaves the outbox for the rejects
+    file with the broker's reason, once, and the next run is not blocked by it (exit 0)."""
     outbox = tmp_path / "pending.json"
     result = run_sender(server.address[1], keys, outbox, "--routing-key", "nobody_listens",
                         "--message", "lost in routing")
     assert result.returncode == 1
-    assert result.stdout.count("⚠️ [SENDER] Broker refused message") == 3
-    assert "❌ [SENDER] Failed to send message" in result.stdout
+    assert result.stdout.count("🚀 [SENDER] Sending message") == 1     # not retried
+    assert "refused for good (unroutable" in result.stdout
     with Outbox(outbox) as left:
-        assert len(left) == 1
+        assert len(left) == 0
+    rejects = tmp_path / "rejected_messages.json"
+    assert stat.S_IMODE(rejects.stat().st_mode) == 0o600
+    [rejected] = [json.loads(line) for line in rejects.read_text().splitlines()]
+    assert rejected["reason"].startswith("unroutable") and rejected["envelope"]["ciphertext"]
+    again = run_sender(server.address[1], keys, outbox, "--message", "the next one")
+    assert again.returncode == 0, again.stdout
+
+
+def test_a_message_too_large_for_the_broker_is_refused_before_sealing(server, keys, tmp_path):
+    """A message whose publish would pass --max-line-bytes is named and not sent, nothing of
+    it is written, the others are delivered, and the exit status is 1."""
+    outbox = tmp_path / "pending.json"
+    source = tmp_path / "messages.txt"
+    source.write_text("small\n" + "x" * 3000 + "\nsmall too\n")
+    result = run_sender(server.address[1], keys, outbox, "--file", str(source),
+                        "--max-line-bytes", "2048")
+    assert result.returncode == 1, result.stdout
+    assert "Message 2 not sent" in result.stdout and "over the broker's limit of 2048" \
+        in result.stdout
+    assert result.stdout.count("✅ [SENDER] Server ACK received") == 2
+    assert "x" * 100 not in outbox.read_text()
+    assert not (tmp_path / "rejected_messages.json").read_text()
 
 
 def test_bad_keys_are_a_usage_error(tmp_path):
@@ -257,3 +281,14 @@ def test_signed_envelopes_with_key_reuse_pass_a_receiver_that_requires_signature
     assert_exactly_once(read_records(output), ["Test message %d of 3" % i for i in (1, 2, 3)])
     assert [r["reason"] for r in read_records(tmp_path / "out.rejects.json")] == [
         "unsigned envelope"]
+
+
+def test_the_checker_counts_a_message_refused_for_good_as_accounted_for(server, keys, tmp_path):
+    """A message the broker refused for good is in the Sender's rejects file, so the checker
+    does not call it dropped (exit 0)."""
+    outbox, record = tmp_path / "pending.json", tmp_path / "record.json"
+    result = run_sender(server.address[1], keys, outbox, "--routing-key", "nobody_listens",
+                        "--record", str(record))
+    assert result.returncode == 1
+    tally = checker.check([record], tmp_path / "out.json", outboxes=[outbox])
+    assert tally.ok and len(tally.refused) == 1 and not tally.dropped

@@ -1,8 +1,10 @@
 """ciphermq.outbox: the sender's pending messages survive crashes and leave once ACKed."""
 import json
+import threading
 
 import pytest
 
+from ciphermq import sender as sending
 from ciphermq.outbox import Outbox, record
 from ciphermq.sender import Record
 from ciphermq.store import CorruptFile
@@ -79,3 +81,34 @@ def test_a_record_torn_by_a_kill_is_cut_before_the_next_run_appends(tmp_path):
     lines = path.read_text(encoding="utf-8").splitlines()
     assert [json.loads(line) for line in lines] == [
         {"event": "attempted", "message_id": "m1"}, {"event": "acked", "message_id": "m1"}]
+
+
+def test_the_progress_line_counts_sealing_time(tmp_path, capsys):
+    """While many messages are sealed a progress line says so, and the rate is over the whole
+    run: sealing time included (a fake clock makes each chunk take 2 s)."""
+    clock = FakeSealingClock()
+    with Outbox(tmp_path / "pending.json") as outbox:
+        sender = sending.Sender(outbox, exchange="default_exchange", routing_key="default_key",
+                                window=1, ack_timeout=1.0, connect_options={},
+                                stop=threading.Event(), clock=clock)
+        texts = ["m%d" % i for i in range(2 * sending.ACCEPT_CHUNK)]
+
+        def seal(text):
+            clock.now += 2.0 / sending.ACCEPT_CHUNK
+            return envelope("id-" + text)
+
+        sender.accept(texts, seal)
+        lines = capsys.readouterr().out.splitlines()
+        assert any(line.startswith("📊 [SENDER] sealed 1000, sent 0, ACKed 0 of 2000")
+                   for line in lines), lines
+        sender.report.acked = 2000
+        sender.report.progress()
+        assert "(4.0 s, 500 msg/s, done)" in capsys.readouterr().out
+
+
+class FakeSealingClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now

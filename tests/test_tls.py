@@ -69,7 +69,7 @@ def test_plaintext_client_cannot_talk_to_a_tls_broker(start_server, certs):
     client = Wire(server.address)
     try:
         client.send(publish_line("plain-1"))
-        assert client.closed_by_peer() == b""
+        assert client.closed_by_peer() == b"Error: the broker expects TLS: pass --tls-ca\n"
     finally:
         client.close()
     check = Wire(server.address, tls=client_context(out))
@@ -187,3 +187,41 @@ def test_mutual_tls_refuses_missing_or_foreign_certificates(start_server, certs)
             client.call("ping")
     finally:
         client.close()
+
+
+def test_a_plain_sender_against_a_tls_broker_is_told_to_pass_tls_ca(start_server, certs,
+                                                                     tmp_path):
+    """A Sender without --tls-ca against a TLS broker says "the broker expects TLS: pass
+    --tls-ca" (the broker's answer to a plaintext first line), exit 1, no traceback."""
+    out, _ = certs
+    server = tls_server(start_server, out)
+    keys = tmp_path / "keys"
+    subprocess.run([sys.executable, str(REPO / "bin" / "RSA.py"), "--out-dir", str(keys),
+                    "--bits", "1024"], check=True, capture_output=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bin" / "Sender.py"), "--port", str(server.address[1]),
+         "--public-key", str(keys / "receiver_public.pem"), "--ack-timeout", "2",
+         "--outbox", str(tmp_path / "pending.json")],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "the broker expects TLS: pass --tls-ca" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_a_tls_sender_against_a_plain_broker_is_told_to_drop_tls_ca(start_server, certs,
+                                                                    tmp_path):
+    """A Sender with --tls-ca against a plain broker says the broker does not use TLS and
+    what to do, exit 1, no traceback."""
+    out, _ = certs
+    server = start_server()
+    keys = tmp_path / "keys"
+    subprocess.run([sys.executable, str(REPO / "bin" / "RSA.py"), "--out-dir", str(keys),
+                    "--bits", "1024"], check=True, capture_output=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bin" / "Sender.py"), "--port", str(server.address[1]),
+         "--public-key", str(keys / "receiver_public.pem"), "--tls-ca", str(out / "ca.pem"),
+         "--ack-timeout", "2", "--outbox", str(tmp_path / "pending.json")],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "the broker does not use TLS: connect without --tls-ca" in result.stdout
+    assert "Traceback" not in result.stderr
