@@ -299,6 +299,7 @@ class Connection(socketserver.BaseRequestHandler):
             results, writers = self.broker.acknowledge_many(self.session, ids)
             self._fill_group_replies("ack", ids, group, results, writers)
             self._flush_locked()
+        self._write_due_pushes()
 
     def _fill_group_replies(self, kind, ids, group, results, writers):
         if kind == "publish":

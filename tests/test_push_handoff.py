@@ -67,3 +67,31 @@ def test_lock_step_traffic_with_acks_loses_no_push(start_server):
     finally:
         sender.close()
         receiver.close()
+
+
+def test_every_release_of_send_lock_in_connection_is_followed_by_the_due_pushes():
+    """Each `with self.send_lock:` block in Connection is followed at once by
+    `self._write_due_pushes()`, so a push left for the lock's holder is never stranded."""
+    import ast
+    import inspect
+
+    from ciphermq import connection
+
+    tree = ast.parse(inspect.getsource(connection))
+    checked = 0
+    for node in ast.walk(tree):
+        for field in ("body", "orelse", "finalbody"):
+            statements = getattr(node, field, None)
+            if not isinstance(statements, list):
+                continue
+            for index, statement in enumerate(statements):
+                if not (isinstance(statement, ast.With) and any(
+                        ast.unparse(item.context_expr) == "self.send_lock"
+                        for item in statement.items)):
+                    continue
+                following = statements[index + 1] if index + 1 < len(statements) else None
+                assert following is not None and \
+                    ast.unparse(following) == "self._write_due_pushes()", \
+                    "line %d: send_lock released without writing due pushes" % statement.lineno
+                checked += 1
+    assert checked >= 4
