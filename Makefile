@@ -78,7 +78,7 @@ lesson: install
 fuzz: install
 	$(PY) bench/fuzz.py $(ARGS)
 
-# Each attack of issue 11 beside a well-behaved client (~2.5 min): its p50/p99 and the
+# Each hostile-client attack beside a well-behaved client (~2.5 min): its p50/p99 and the
 # broker's RSS, as a table (docs/SECURITY.md, "Hostile neighbours").
 hostile: install
 	$(PY) bench/hostile.py $(ARGS)
@@ -92,9 +92,8 @@ clean:
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # ---------------------------------------------------------------------------------------
-# Benchmarks (bench/, docs/BENCHMARKS.md) -- issues 6 and 15.  RabbitMQ and Redis Streams are
-# compared when they and their client libraries are installed; a missing one is left out with
-# a note in the report.
+# Benchmarks (bench/, docs/BENCHMARKS.md).  RabbitMQ and Redis Streams are compared when
+# they and their client libraries are installed; a missing one is left out with a note.
 .PHONY: bench bench-quick bench-peer-install
 
 # The full run for the record (~6 min): rewrites docs/BENCHMARKS.md and docs/benchmarks.png.
@@ -121,7 +120,7 @@ bench-peer-install: install
 
 # ---------------------------------------------------------------------------------------
 # Fault matrix and chaos demo (ciphermq/checker.py, tests/test_faults.py, bench/faults.py,
-# docs/RELIABILITY.md) -- issue 4.
+# docs/RELIABILITY.md).
 .PHONY: faults chaos-demo
 
 CHAOS      ?= drop-ack=0.05,drop-confirm=0.05,drop-delivery=0.02,disconnect=0.01,delay-ms=0-20
@@ -144,8 +143,8 @@ chaos-demo: install keys
 # ------------------------------------------------------------------------ end fault matrix
 
 # ---------------------------------------------------------------------------------------
-# RabbitMQ: the same scripts over a 3-node cluster (ciphermq/amqp.py, docs/SCALING.md) --
-# issue 13.  Debian's rabbitmq-server is installed with apt when missing (needs root).
+# RabbitMQ: the same scripts over a 3-node cluster (ciphermq/amqp.py, docs/SCALING.md).
+# Debian's rabbitmq-server is installed with apt when missing (needs root).
 .PHONY: cluster cluster-status cluster-stop cluster-demo rabbitmq-install
 
 CLUSTER_DIR  ?= .cluster

@@ -5,7 +5,8 @@
 Each lesson starts the brokers, receivers and senders it needs on free ports
 in a temporary directory, shows what happens, prints a ``✅ [LESSON N]`` line
 for what it proved, and stops and removes everything it started.  Exit
-status 0 if the lesson's point held, 1 if not, 2 for an unknown lesson.
+status 0 if the lesson's point held, 1 if not, 2 for an unknown lesson, 3 if
+it needs something not installed here (one line says what to install).
 The lessons themselves are short functions in bin/lessons/.
 """
 import argparse
@@ -18,8 +19,9 @@ for path in (str(HERE.parent), str(HERE)):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-from lessons import basics, crashes, faults, security  # noqa: E402  (needs the path above)
-from lessons.stage import LessonFailed, Stage  # noqa: E402
+# These need the path above.
+from lessons import basics, crashes, faults, framing, scaling, security  # noqa: E402
+from lessons.stage import LessonFailed, LessonNeeds, Stage  # noqa: E402
 
 #: Lesson number -> its function; the function's docstring is its title.
 LESSONS = {
@@ -33,7 +35,9 @@ LESSONS = {
     8: faults.chaos,
     9: faults.tamper_and_replay,
     10: faults.dead_letters,
-    11: security.tls_and_users,
+    11: framing.framing,
+    12: security.tls_and_users,
+    13: scaling.scale_out,
 }
 
 
@@ -65,6 +69,9 @@ def main(argv=None):
         except LessonFailed as exc:
             print("❌ [LESSON %d] %s" % (args.number, exc), flush=True)
             return 1
+        except LessonNeeds as exc:
+            print("❌ [LESSON %d] needs %s" % (args.number, exc), file=sys.stderr, flush=True)
+            return 3
         if args.hold:
             input("⏸️ [LESSON %d] Still running; press Enter to stop everything " % args.number)
     return 0

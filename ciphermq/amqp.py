@@ -51,7 +51,7 @@ import queue
 import threading
 from typing import NamedTuple
 
-from .client import Delivery
+from .client import Delivery, envelope_bytes
 from .errors import ConnectionLost, MissingDependency, Nacked, ServerError
 
 log = logging.getLogger(__name__)
@@ -263,7 +263,7 @@ class AmqpClient:
         """
         items = []
         for exchange, routing_key, envelope in messages:
-            message_id, body = envelope_body(envelope)
+            message_id, body = envelope_bytes(envelope)
             items.append((Reply("publish %s" % message_id), exchange, routing_key, message_id,
                           body))
         replies = [item[0] for item in items]
@@ -536,43 +536,11 @@ def connect(failover, *, attempts=None, retry_interval=1.0, stop=None, on_retry=
     :class:`AmqpClient`.  Blocks; raises ConnectionLost when it gives up or is
     stopped, ServerError at once if RabbitMQ refuses the login or topology.
     """
-    stop = stop if stop is not None else threading.Event()
-    tries = 0
-    while True:
-        tries += 1
-        errors = []
-        for url in failover.round():
-            try:
-                client = AmqpClient(url, **options)
-            except ConnectionLost as exc:
-                errors.append(str(exc))
-                continue
-            failover.used(url)
-            return client
-        error = ConnectionLost("; ".join(errors))
-        if attempts is not None and tries >= attempts:
-            raise error
-        if on_retry is not None:
-            on_retry(tries, error)
-        if stop.wait(retry_interval):
-            raise ConnectionLost("stopped while connecting to %s"
-                                 % ", ".join(str(url) for url in failover.urls))
+    return failover.connect(lambda url: AmqpClient(url, **options), attempts=attempts,
+                            retry_interval=retry_interval, stop=stop, on_retry=on_retry)
 
 
 # -- helpers -------------------------------------------------------------------------
-
-def envelope_body(envelope):
-    """``(message_id, JSON bytes)`` for an envelope given as a dict or as JSON text."""
-    if isinstance(envelope, dict):
-        body = json.dumps(envelope, separators=(",", ":")).encode("utf-8")
-    else:
-        body = envelope.encode("utf-8") if isinstance(envelope, str) else bytes(envelope)
-        envelope = json.loads(body)
-    message_id = envelope.get("message_id") if isinstance(envelope, dict) else None
-    if not isinstance(message_id, str) or not message_id:
-        raise ValueError("an envelope must be a JSON object with a string message_id")
-    return message_id, body
-
 
 def _id_in(body):
     """The envelope's message_id, for a delivery published without an AMQP message_id."""

@@ -611,32 +611,43 @@ class Broker:
                     continue
                 if self.consumer_timeout:
                     next_due = min(next_due, silent_since + self.consumer_timeout)
-                given_back, waiting = [], 0
-                for message in list(session.held.values()):
-                    if message.deadline > now:
-                        next_due = min(next_due, message.deadline)
-                    elif message.consumer is None or message.push_lost or \
-                            session.progress > message.seq:
-                        del session.held[message.id]    # pulled, lost, or skipped: counted
-                        given_back.append(message)
-                    elif session.heard_at > message.handed_at:
-                        message.deadline = now + self.redelivery_interval   # slow: not there yet
-                        next_due = min(next_due, message.deadline)
-                    else:
-                        session.stalled = True
-                        waiting += self._unstick(session, message, now, events)
-                        next_due = min(next_due, message.deadline)
-                if waiting:
-                    events.append((logging.INFO, "Consumer %s stalled (silent for %.1f s): "
-                                   "%d overdue message(s) wait for it, not counted as failed "
-                                   "deliveries", (session.name, now - silent_since, waiting)))
-                self._requeue(given_back, events, "not acked in time")
+                next_due = min(next_due, self._take_back_overdue(session, now, silent_since,
+                                                                 events))
             self._expire_acked(now)
             self._notify_writers()
         _log_events(events)
         for hang_up in hang_ups:
             if hang_up is not None:
                 hang_up()
+        return next_due
+
+    def _take_back_overdue(self, session, now, silent_since, events):
+        """retry_unacknowledged() for one session, with the mutex held; its next due time.
+
+        Pulled, lost or skipped deliveries are given back (and counted); a
+        slow consumer's get more time; a silent one's wait, uncounted.
+        """
+        next_due = now + self.redelivery_interval
+        given_back, waiting = [], 0
+        for message in list(session.held.values()):
+            if message.deadline > now:
+                next_due = min(next_due, message.deadline)
+            elif message.consumer is None or message.push_lost or \
+                    session.progress > message.seq:
+                del session.held[message.id]    # pulled, lost, or skipped: counted
+                given_back.append(message)
+            elif session.heard_at > message.handed_at:
+                message.deadline = now + self.redelivery_interval   # slow: not there yet
+                next_due = min(next_due, message.deadline)
+            else:
+                session.stalled = True
+                waiting += self._unstick(session, message, now, events)
+                next_due = min(next_due, message.deadline)
+        if waiting:
+            events.append((logging.INFO, "Consumer %s stalled (silent for %.1f s): "
+                           "%d overdue message(s) wait for it, not counted as failed "
+                           "deliveries", (session.name, now - silent_since, waiting)))
+        self._requeue(given_back, events, "not acked in time")
         return next_due
 
     # -- durability -----------------------------------------------------------

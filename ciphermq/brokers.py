@@ -10,10 +10,9 @@ after the URL used last.
 
 pika is imported only when an amqp URL is connected to (:mod:`ciphermq.amqp`).
 """
-import threading
 
 from . import client
-from .errors import ConnectionLost, UsageError
+from .errors import UsageError
 from .urls import BrokerUrl, Failover
 
 
@@ -50,25 +49,7 @@ def connect_any(failover=None, *, host="127.0.0.1", port=5672, topology=None, au
         return amqp.connect(failover, attempts=attempts, retry_interval=retry_interval,
                             stop=stop, on_retry=on_retry, topology=topology,
                             tls_context=tls_context, **options)
-    stop = stop if stop is not None else threading.Event()
-    tries = 0
-    while True:
-        tries += 1
-        errors = []
-        for url in failover.round():
-            try:
-                connection = client.Client(url.host, url.port, auth=auth,
-                                           tls_context=tls_context, **options)
-            except ConnectionLost as exc:
-                errors.append(str(exc))
-                continue
-            failover.used(url)
-            return connection
-        error = ConnectionLost("; ".join(errors))
-        if attempts is not None and tries >= attempts:
-            raise error
-        if on_retry is not None:
-            on_retry(tries, error)
-        if stop.wait(retry_interval):
-            raise ConnectionLost("stopped while connecting to %s"
-                                 % ", ".join(str(url) for url in failover.urls))
+    return failover.connect(
+        lambda url: client.Client(url.host, url.port, auth=auth, tls_context=tls_context,
+                                  **options),
+        attempts=attempts, retry_interval=retry_interval, stop=stop, on_retry=on_retry)

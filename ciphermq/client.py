@@ -256,7 +256,7 @@ class Client:
         """
         commands, prefixes = [], {}
         for exchange, routing_key, envelope in messages:
-            message_id, body = _envelope_bytes(envelope)
+            message_id, body = envelope_bytes(envelope)
             prefix = prefixes.get((exchange, routing_key))
             if prefix is None:      # each name checked once per call, not once per message
                 prefix = prefixes[exchange, routing_key] = b"publish %s %s " % (
@@ -503,7 +503,7 @@ def _routing_key(text):
     return raw
 
 
-def _envelope_bytes(envelope):
+def envelope_bytes(envelope):
     """``(message_id, JSON bytes)`` for an envelope given as a dict or as JSON text."""
     if isinstance(envelope, dict):
         body = json.dumps(envelope, separators=(",", ":")).encode("utf-8")
@@ -511,7 +511,7 @@ def _envelope_bytes(envelope):
         body = envelope.encode("utf-8") if isinstance(envelope, str) else bytes(envelope)
         envelope = json.loads(body)
     message_id = envelope.get("message_id") if isinstance(envelope, dict) else None
-    if not isinstance(message_id, str):
+    if not isinstance(message_id, str) or not message_id:
         raise ValueError("an envelope must be a JSON object with a string message_id")
     _name(message_id, "message id")
     if b"\n" in body:

@@ -44,7 +44,7 @@ class ServerConfig:
     tls_cert: Optional[str] = None       # TLS: server certificate chain (PEM) ...
     tls_key: Optional[str] = None        # ... and its private key
     tls_client_ca: Optional[str] = None  # require client certificates signed by this CA
-    # -- broker-wide bounds against hostile clients (issue 11; docs/SECURITY.md) --
+    # -- broker-wide bounds against hostile clients (docs/SECURITY.md) --
     # max_queues counts every queue a client can create, ".dead" names included;
     # only the dead-letter queue of a counted queue is free (at most one each).
     max_memory: int = 512 * 1024 * 1024  # queued envelope bytes, every copy counted

@@ -18,10 +18,11 @@ message fit to print after ``Error: ``; :func:`url_argument` turns them into
 argparse's usage errors.
 """
 import argparse
+import threading
 import urllib.parse
 from typing import NamedTuple
 
-from .errors import UrlError
+from .errors import ConnectionLost, UrlError
 
 SCHEMES = {"ciphermq": 5672, "amqp": 5672, "amqps": 5671}   # scheme -> default port
 
@@ -156,3 +157,36 @@ class Failover:
     def used(self, url):
         """Record that ``url`` answered: the next round starts after it."""
         self.current = self.urls.index(url)
+
+    def connect(self, open_one, *, attempts=None, retry_interval=1.0, stop=None,
+                on_retry=None):
+        """``open_one(url)`` for the URLs of a :meth:`round` until one answers; its result.
+
+        ``open_one`` raises ConnectionLost for a URL that does not answer.  Up
+        to ``attempts`` rounds (None: until ``stop``, a threading.Event, is
+        set), waiting ``retry_interval`` seconds on ``stop`` between rounds;
+        ``on_retry(tries, error)`` is called before each wait.  Blocks; raises
+        ConnectionLost when it gives up or is stopped.  Anything else
+        ``open_one`` raises (a refused login, say) ends the attempt at once.
+        """
+        stop = stop if stop is not None else threading.Event()
+        tries = 0
+        while True:
+            tries += 1
+            errors = []
+            for url in self.round():
+                try:
+                    connection = open_one(url)
+                except ConnectionLost as exc:
+                    errors.append(str(exc))
+                    continue
+                self.used(url)
+                return connection
+            error = ConnectionLost("; ".join(errors))
+            if attempts is not None and tries >= attempts:
+                raise error
+            if on_retry is not None:
+                on_retry(tries, error)
+            if stop.wait(retry_interval):
+                raise ConnectionLost("stopped while connecting to %s"
+                                     % ", ".join(str(url) for url in self.urls))

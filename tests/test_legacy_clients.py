@@ -1,19 +1,17 @@
 """The design document's original clients against our broker: what works, what cannot.
 
-The original Receiver reads with one ``recv(1024)`` per line.  ``LegacyReader``
-below is a stand-in written for these tests (not the original's code) that
-reads exactly that way: one ``recv(1024)`` is one line; a read that
-``startswith("Message:")`` is ``split(" ", 2)`` and ``json.loads``-ed, then
-acked with one ``recv(1024)`` for the reply.  Whatever else shares a read is
-lost to it.  docs/PROTOCOL.md ("The document's original clients") states
-what these tests show.
+The original Receiver reads with one ``recv(1024)`` per line.
+``ciphermq/legacy_reader.py`` holds a stand-in (not the original's code, and
+shared with tutorial lesson 11) that reads exactly that way: one
+``recv(1024)`` is one line; a read that ``startswith("Message:")`` is
+``split(" ", 2)`` and ``json.loads``-ed, then acked with one ``recv(1024)``
+for the reply.  Whatever else shares a read is lost to it.  docs/PROTOCOL.md
+("The document's original clients") states what these tests show.
 """
 import base64
 import json
-import queue
 import re
 import socket
-import threading
 from pathlib import Path
 
 from conftest import WAIT, FakeClock, publish_line
@@ -21,59 +19,15 @@ from Crypto.Cipher import AES, PKCS1_OAEP
 from Crypto.PublicKey import RSA
 from scripts import run_sender
 
+from ciphermq.legacy_reader import LegacyReader
+
 #: The broker's --redelivery-interval in these tests; the fake clock jumps past it.
 INTERVAL = 30.0
 
 
-class LegacyReader:
-    """One recv(1024) per line, as the original Receiver reads; runs in a thread.
-
-    Every read is reported on ``events`` as ``(kind, text)``: ``subscribed``
-    (the read after consume), ``message`` (a read it parsed as one message
-    and then acked), ``reply`` (the one read after an ack, meant for
-    ``ACK_CONFIRMED``), ``unreadable`` (a ``Message:`` read whose JSON does
-    not parse: it held more than one line) or ``ignored`` (anything else).
-    """
-
-    def __init__(self, address):
-        self.sock = socket.create_connection(address, timeout=WAIT * 4)
-        self.events = queue.Queue()
-        self.stored = []
-        self.thread = threading.Thread(target=self._run, name="legacy-reader", daemon=True)
-
-    def start(self, queue_name="default_queue"):
-        self.sock.sendall(b"consume %s\n" % queue_name.encode())
-        self.thread.start()
-        return self
-
-    def _run(self):
-        try:
-            self.events.put(("subscribed", self.sock.recv(1024).decode()))
-            while True:
-                data = self.sock.recv(1024).decode()
-                if not data:
-                    return
-                if not data.startswith("Message:"):
-                    self.events.put(("ignored", data))
-                    continue
-                try:
-                    _, message_id, body = data.split(" ", 2)
-                    json.loads(body)
-                except ValueError:
-                    self.events.put(("unreadable", data))
-                    continue
-                self.stored.append(message_id)
-                self.events.put(("message", data))
-                self.sock.sendall(b"ack %s\n" % message_id.encode())
-                self.events.put(("reply", self.sock.recv(1024).decode()))
-        except OSError:
-            return
-
-    def next_event(self):
-        return self.events.get(timeout=WAIT * 4)
-
-    def close(self):
-        self.sock.close()
+def original_reader(address):
+    """The shared stand-in for the original reader, with this file's patience."""
+    return LegacyReader(address, timeout=WAIT * 4)
 
 
 def publish(server, ids):
@@ -100,7 +54,7 @@ def test_at_the_default_prefetch_a_burst_never_reaches_the_original_reader(start
     ids = ["burst-%d" % n for n in range(3)]
     publish(server, ids)
     for returned in (1, 2):
-        reader = LegacyReader(server.address).start()     # the original script reconnects
+        reader = original_reader(server.address).start()     # the original script reconnects
         try:
             seen = ""
             while seen.count("Message:") < 3:              # the reader has read them all
@@ -123,7 +77,7 @@ def test_at_prefetch_one_the_original_reader_gets_every_message_exactly_once(sta
                           default_prefetch=1)
     ids = ["one-%02d" % n for n in range(20)]
     publish(server, ids)
-    reader = LegacyReader(server.address).start()
+    reader = original_reader(server.address).start()
     redeliveries = 0
     history = []
     try:
@@ -148,7 +102,7 @@ def test_one_message_at_a_time_reaches_the_original_reader_at_the_default_prefet
     """Messages published one at a time, each after the last one's ACK_CONFIRMED, arrive in
     reads of their own: the original reader stores each, and each confirmation is alone."""
     server = start_server(redelivery_interval=INTERVAL)
-    reader = LegacyReader(server.address).start()
+    reader = original_reader(server.address).start()
     try:
         assert reader.next_event() == ("subscribed", "Subscribed to queue\n")
         for n in range(3):

@@ -1,9 +1,9 @@
-"""Lesson 11: TLS on the wire, and users with tokens and rights."""
+"""Lesson 12: TLS on the wire, and users with tokens and rights."""
 import re
 
 
 def tls_and_users(stage):
-    """11. TLS and users: who may connect, and what each may do."""
+    """12. TLS and users: who may connect, and what each may do."""
     private, public = stage.keys()
     stage.run("certs.py", "--out-dir", "certs", show=False)
     token = re.search(r"token \(shown once\): (\S+)", "\n".join(stage.run(

@@ -27,6 +27,10 @@ class LessonFailed(Exception):
     """What the lesson set out to show did not happen."""
 
 
+class LessonNeeds(Exception):
+    """The lesson needs something that is not installed here; the message says what."""
+
+
 class Process:
     """A child process whose output lines are collected by a thread, to be waited for."""
 
@@ -66,6 +70,11 @@ class Process:
         self.proc.kill()
         self.proc.wait(PATIENCE)
 
+    def stop(self):
+        """SIGTERM, the polite stop (a broker shuts down in order); wait for it to end."""
+        self.proc.terminate()
+        self.wait()
+
     def wait(self, timeout=PATIENCE):
         code = self.proc.wait(timeout)
         self._reader.join(timeout)
@@ -89,6 +98,7 @@ class Stage:
         self.http_port = http_port      # give every broker this dashboard port (one at a time)
         self.dir = Path(tempfile.mkdtemp(prefix="ciphermq-lesson-%d-" % number))
         self._children = []
+        self._clusters = []
 
     def __enter__(self):
         return self
@@ -100,6 +110,8 @@ class Stage:
         for child in self._children:
             if child.proc.poll() is None:
                 child.kill()
+        for cluster in self._clusters:
+            cluster.stop(remove=True)       # by the pids it recorded, nothing else
         shutil.rmtree(self.dir, ignore_errors=True)
 
     # -- what the student reads -------------------------------------------------
@@ -130,6 +142,25 @@ class Stage:
         if self.http_port:
             self.say("📊 its dashboard: http://127.0.0.1:%d/" % self.http_port)
         return broker
+
+    def cluster(self, size):
+        """``size`` private RabbitMQ nodes clustered on free loopback ports, state in this
+        stage (ciphermq/rabbitmq_nodes.py); stopped by :meth:`close`.  Raises
+        :class:`LessonNeeds` if rabbitmq-server or pika is missing."""
+        from ciphermq import rabbitmq_nodes
+        try:
+            rabbitmq_nodes.check_installed()
+        except rabbitmq_nodes.RabbitMQUnavailable as exc:
+            raise LessonNeeds("RabbitMQ: %s" % exc) from None
+        cluster = rabbitmq_nodes.Cluster(self.dir / "rabbitmq", size,
+                                         prefix="lesson%d-" % self.number)
+        self.say("starting %d private RabbitMQ nodes on free ports (this takes 15-30 s)" % size)
+        try:
+            cluster.start()             # stops what it started if it fails
+        except rabbitmq_nodes.RabbitMQUnavailable as exc:
+            raise LessonFailed(str(exc)) from None
+        self._clusters.append(cluster)
+        return cluster
 
     def start(self, script, *args):
         """Start ``bin/<script>`` in the background; its stdout is shown as it comes."""
