@@ -96,7 +96,7 @@ clean:
 # they and their client libraries are installed; a missing one is left out with a note.
 .PHONY: bench bench-quick bench-peer-install
 
-# The full run for the record (~6 min): rewrites docs/BENCHMARKS.md and docs/benchmarks.png.
+# The full run for the record (~9 min): rewrites docs/BENCHMARKS.md and docs/benchmarks.png.
 # It first tries to install the peers (RabbitMQ, Redis, their clients); where that is not possible
 # (no root, no apt) it goes on and reports CipherMQ alone.
 bench: install
