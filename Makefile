@@ -92,12 +92,12 @@ clean:
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # ---------------------------------------------------------------------------------------
-# Benchmarks (bench/, docs/BENCHMARKS.md).  RabbitMQ is compared when it and pika
-# are installed; without them the run says so and reports CipherMQ alone.
+# Benchmarks (bench/, docs/BENCHMARKS.md).  RabbitMQ and Redis Streams are compared when
+# they and their client libraries are installed; a missing one is left out with a note.
 .PHONY: bench bench-quick bench-peer-install
 
-# The full run for the record (~6 min): rewrites docs/BENCHMARKS.md and docs/benchmarks.png.
-# It first tries to install the peer (RabbitMQ, pika, matplotlib); where that is not possible
+# The full run for the record (~9 min): rewrites docs/BENCHMARKS.md and docs/benchmarks.png.
+# It first tries to install the peers (RabbitMQ, Redis, their clients); where that is not possible
 # (no root, no apt) it goes on and reports CipherMQ alone.
 bench: install
 	-$(MAKE) --no-print-directory bench-peer-install
@@ -107,12 +107,14 @@ bench: install
 bench-quick: install
 	$(PY) bench/run.py --quick
 
-# The peer: Debian's rabbitmq-server (needs root) and the `bench` extra (pika, matplotlib).
-# On a normal host the package starts a system node on 5672, CipherMQ's port: stop it with
-# `systemctl disable --now rabbitmq-server`; the benchmark runs a private node of its own.
+# The peers: Debian's rabbitmq-server and redis-server (needs root) and the `bench` extra
+# (pika, redis-py, hiredis, matplotlib).  On a normal host the packages start system servers;
+# RabbitMQ's takes 5672, CipherMQ's port: stop it with `systemctl disable --now
+# rabbitmq-server`.  The benchmark runs a private node and a private redis-server of its own.
 bench-peer-install: install
-	test -x /usr/lib/rabbitmq/bin/rabbitmq-server || \
-	  { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y rabbitmq-server; }
+	{ test -x /usr/lib/rabbitmq/bin/rabbitmq-server && test -x /usr/bin/redis-server; } || \
+	  { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y \
+	    rabbitmq-server redis-server; }
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
 # --------------------------------------------------------------------------- end benchmarks
 

@@ -11,6 +11,7 @@ import tempfile
 
 import ciphermq_clients as clients
 import envelopes
+import library_clients
 from ciphermq_broker import running_broker, running_relay
 from processes import ClientProcesses, latency_figures, rss_mib, split
 
@@ -150,6 +151,33 @@ def scenario_idle_latency(sizes):
     with running_broker() as broker:
         return _latency(broker["address"], sizes["latency_seconds"], broker["pid"],
                         IDLE_CLIENTS)
+
+
+def _library_throughput(address, msgs, window):
+    """As _throughput, one publisher, with ``ciphermq.client`` on both ends."""
+    token = envelopes.new_run_token()
+    with ClientProcesses() as procs:
+        procs.start(library_clients.consume, address, msgs, PREFETCH)
+        procs.start(library_clients.publish, address, token, 0, msgs, window)
+        procs.wait_ready(2)
+        procs.go.set()
+        results = procs.collect(2)
+    consumer = next(r for r in results if "count" in r)
+    (publisher,) = [r for r in results if "first_publish_at" in r]
+    seconds = consumer["last_ack_at"] - publisher["first_publish_at"]
+    return {"msgs": msgs, "seconds": round(seconds, 3), "msg_per_s": round(msgs / seconds)}
+
+
+def library_1to1(sizes):
+    """1 -> 1 pipelined (window 2,000, prefetch 2,000) through ``ciphermq.client``."""
+    with running_broker() as broker:
+        return _library_throughput(broker["address"], sizes["msgs"], WINDOW)
+
+
+def library_publish_wait(sizes):
+    """1 -> 1 through ``ciphermq.client``, each ``Client.publish`` blocking for its ACK."""
+    with running_broker() as broker:
+        return _library_throughput(broker["address"], sizes["msgs"], 1)
 
 
 # --------------------------------------------------------------------------- calibration

@@ -19,12 +19,13 @@ the file._
 CHART_NAME = "benchmarks.png"
 
 TEMPLATE = """\
-# Benchmarks: CipherMQ side by side with RabbitMQ
+# Benchmarks: CipherMQ side by side with RabbitMQ and Redis Streams
 
 * Run: `{command}` on {date}, {minutes:.1f} min in all.
 * Mode: {mode}, {repeats} repeat(s) per scenario and side.
 * CipherMQ: {m[ciphermq]}.
 * Peer: {peer}.
+* Second peer: {redis_peer}.
 
 `make bench` rewrites everything here but the "Profile and gaps" section. The raw runs are in
 `bench/results/` (not committed).
@@ -35,9 +36,10 @@ Targets met: **{met} of {judged} judged**, {targets} targets in all.
 
 {table}
 
-↑ higher is better, ↓ lower is better. The ratio is CipherMQ's median divided by RabbitMQ's:
-above 1 is a win on ↑ rows, below 1 a win on ↓ rows. Spreads are the lowest and highest of
-the repeats. Both brokers ran alternately, run by run, on the same machine: compare medians
+↑ higher is better, ↓ lower is better. Each ratio is CipherMQ's median divided by the peer's:
+above 1 is a win on ↑ rows, below 1 a win on ↓ rows. Targets are judged against RabbitMQ;
+the Redis Streams columns are there to compare. Spreads are the lowest and highest of the
+repeats. The brokers ran alternately, run by run, on the same machine: compare medians
 within one report only.
 {failures}
 ### The harness's own ceiling
@@ -64,21 +66,23 @@ clients and the machine, not the broker, set the pace.
 | Python | {m[python]} |
 | CipherMQ | {m[ciphermq]} |
 | RabbitMQ | {rabbitmq} |
+| Redis | {redis} |
 | pycryptodome | {m[pycryptodome]} |
 | temp dir (journals, Mnesia) | {m[tmp_filesystem]} |
 | load average (1, 5, 15 min) at the start / end | {m[load_average]} / {load_at_end} |
 
 Two cores carry the broker, every client process and, in peer mode, the idle RabbitMQ node
-during CipherMQ's runs. Other work on the machine (a load average above ~1 before the run)
-shows up as spread and hits both brokers alike, run by run.
+and redis-server during the other brokers' runs. Other work on the machine (a load average
+above ~1 before the run) shows up as spread and hits every broker alike, run by run.
 
 ## Commands
 
 ```sh
 make bench               # this report: $(PY) bench/run.py --full --out docs/BENCHMARKS.md
 make bench-quick         # smoke run, prints the table only: $(PY) bench/run.py --quick
-make bench-peer-install  # as root: apt-get install rabbitmq-server; pip install -e '.[bench]'
+make bench-peer-install  # as root: apt-get install rabbitmq-server redis-server; the bench extra
 python bench/run.py --only 1,4 --repeats 5 --no-peer   # a few scenarios, CipherMQ alone
+python bench/run.py --only 3 --peers redis             # one scenario, CipherMQ and Redis
 ```
 
 This report: `{command}`. The brokers under test, one fresh process per run:
@@ -101,7 +105,8 @@ python bin/Sender.py --port P --count N --key-reuse {{1|{key_reuse}}} --public-k
   `enc_session_key`, `nonce`, `tag`, `ciphertext`, sized like a real v2 envelope) and a
   fixed-width `sent_at` stamp, built before the clock starts. Ids carry a fresh token per run
   (CipherMQ re-ACKs an id it already knows without delivering it again). RabbitMQ gets the
-  same bytes as the body of a message to the default exchange.
+  same bytes as the body of a message to the default exchange; Redis gets them as the one
+  field of a stream entry.
 * **Processes**: each broker and each client is a process of its own on 127.0.0.1; the
   clients report ready (connected, subscribed, envelopes built) and start on one event.
 * **Throughput (1, 2, 3, 7)**: {msgs} messages per run; msg/s from the first publish to the
@@ -109,18 +114,31 @@ python bin/Sender.py --port P --count N --key-reuse {{1|{key_reuse}}} --public-k
   Publishers keep 2,000 publishes unconfirmed (1 in scenario 3); the consumer has prefetch
   2,000 and acks every message. CipherMQ's clients are raw sockets with newline framing from
   a buffer and one `sendall` per batch; RabbitMQ's are pika `SelectConnection`s with
-  publisher confirms.
+  publisher confirms; Redis's are redis-py (with hiredis) clients: the publisher pipelines
+  2,000 `XADD`s at a time (redis-py has no sliding window), the consumer reads up to 2,000
+  entries per `XREADGROUP` of a consumer group and sends one `XACK` per entry, the acks of
+  one read pipelined. An `XADD` reply is Redis's publish confirm.
+* **Client libraries (9, 9b)**: the same run as 1 and 3 with the libraries a user would
+  call on both ends: `ciphermq.client` (what `Sender.py` and `Receiver.py` use:
+  `publish_many` filling a window of 2,000 and `Reply.result` on the oldest, or
+  `Client.publish` blocking for each ACK; the consumer acks every delivery with its own
+  `ack` line, all that have arrived in one `ack_many` write), pika as above, redis-py as
+  above. Scenario 9's target is 2× pika+RabbitMQ.
 * **7b**: the same publisher with nobody consuming, so every confirm waits for the disk on
   both sides. RabbitMQ may skip the write for a message a consumer has already acked, which
-  favours it in 7; 7b is the like-for-like comparison of durability.
+  favours it in 7; 7b is the like-for-like comparison of durability. Redis runs 7 and 7b on
+  a fresh server with `appendonly yes` and `appendfsync always` (the append-only file is
+  fsynced before each reply; one fsync may cover a whole pipeline).
 * **Latency (4, 8)**: {latency_seconds:.0f} s at 1,000 msg/s, each publish waiting for its
   ACK or confirm. The stamp is `time.monotonic()` just before the write; the consumer
   subtracts it from `time.monotonic()` when the read that brought the message returns
   (CLOCK_MONOTONIC is one clock for every process on Linux). The same method on both sides.
   In 8, 1,000 connections (4 processes × 250) are opened first and held: raw TCP after one
-  `ping`/`PONG` for CipherMQ, full AMQP handshakes for RabbitMQ.
+  `ping`/`PONG` for CipherMQ, full AMQP handshakes for RabbitMQ, raw TCP after one
+  `PING`/`+PONG` for Redis.
 * **RSS (5)**: {queued_msgs} messages published pipelined to a fresh broker with no consumer;
-  `VmRSS` of the broker process (beam.smp for RabbitMQ) right after the last ACK.
+  `VmRSS` of the broker process (beam.smp for RabbitMQ, redis-server for Redis: a stream
+  with a consumer group and no reader) right after the last ACK.
 * **Crypto (6)**: the bound is RSA-OAEP-2048 (SHA-256) decrypts per second in one process
   doing nothing else. 6a/6b send {e2e_rsa_msgs} / {e2e_reuse_msgs} messages through
   `Sender.py` → broker → `Receiver.py` (decrypt, append, fsync, ack) with the scripts'
@@ -132,8 +150,8 @@ python bin/Sender.py --port P --count N --key-reuse {{1|{key_reuse}}} --public-k
 
 <details><summary>Every run</summary>
 
-| # | figure | CipherMQ runs | RabbitMQ runs |
-|---|---|---|---|
+| # | figure | CipherMQ runs | RabbitMQ runs | Redis runs |
+|---|---|---|---|---|
 {raw_runs}
 
 </details>
@@ -143,10 +161,12 @@ python bin/Sender.py --port P --count N --key-reuse {{1|{key_reuse}}} --public-k
 
 def _results_table(lines):
     header = ("| # | scenario | figure | CipherMQ median [min–max] "
-              "| RabbitMQ median [min–max] | ours / RabbitMQ | target | met? |")
-    rows = [header, "|---|---|---|---:|---:|---:|---|---|"]
+              "| RabbitMQ median [min–max] | ours / RabbitMQ "
+              "| Redis median [min–max] | ours / Redis | target | met? |")
+    rows = [header, "|---|---|---|---:|---:|---:|---:|---:|---|---|"]
     rows += [f"| {line.number} | {line.title} | {line.label} {line.arrow} | {line.ours_cell()} "
-             f"| {line.rabbit_cell()} | {line.ratio_cell()} | {line.target or ''} "
+             f"| {line.rabbit_cell()} | {line.ratio_cell()} "
+             f"| {line.redis_cell()} | {line.redis_ratio_cell()} | {line.target or ''} "
              f"| {line.verdict()} |" for line in lines if not line.calibration]
     return "\n".join(rows)
 
@@ -162,8 +182,8 @@ def _calibration_table(lines):
 def _raw_runs(lines):
     def runs(summary):
         return ", ".join(number(value) for value in summary.values) if summary else "–"
-    return "\n".join(f"| {line.number} | {line.label} | {runs(line.ours)} | {runs(line.rabbit)} |"
-                     for line in lines)
+    return "\n".join(f"| {line.number} | {line.label} | {runs(line.ours)} | {runs(line.rabbit)} "
+                     f"| {runs(line.redis)} |" for line in lines)
 
 
 def _failures(lines):
@@ -201,12 +221,20 @@ def write(path, lines, context):
                 "a private node on loopback started by the harness")
     else:
         peer = f"**no RabbitMQ comparison in this run**: {context['peer_note']}"
+    if context.get("redis"):
+        redis_peer = (f"Redis {m['redis']} (Streams) through redis-py {m['redis_py']}"
+                      f"{' with hiredis ' + m['hiredis'] if m['hiredis'] else ''}, "
+                      "a private redis-server on loopback started by the harness")
+    else:
+        redis_peer = f"**no Redis comparison in this run**: {context.get('redis_note')}"
     text = TEMPLATE.format(
         command=" ".join(context["argv"]),
         date=datetime.datetime.fromisoformat(context["started_at"]).strftime(
             "%Y-%m-%d %H:%M %Z"),
         mode=context["mode"], repeats=context["repeats"], minutes=context["elapsed_s"] / 60,
-        peer=peer,
+        peer=peer, redis_peer=redis_peer,
+        redis=(f"{m['redis']}, redis-py {m['redis_py']}, hiredis {m['hiredis']}"
+               if m.get("redis") else "not installed"),
         met=sum(1 for line in judged if line.met), judged=len(judged),
         targets=sum(1 for line in lines if line.target),
         table=_results_table(lines), failures=_failures(lines),

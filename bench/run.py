@@ -10,12 +10,13 @@ not) is printed; with ``--out`` it is also written as Markdown, with the machine
 commands and a chart (docs/benchmarks.png, if matplotlib is importable).  The raw runs go
 to bench/results/ as JSON.
 
-Peer mode (default: when available) starts a private RabbitMQ node on loopback for the
-whole run (rabbitmq_node.py).  Without rabbitmq-server or pika the run says so and reports
-CipherMQ alone; ``make bench-peer-install`` installs both.
+Peer mode (default: when available) starts a private RabbitMQ node (rabbitmq_node.py) and
+a private redis-server (redis_node.py) on loopback for the whole run; each scenario then
+runs ours, RabbitMQ, Redis, ours, RabbitMQ, Redis ...  A peer that is not installed is left
+out with a note (``--peers`` picks them); ``make bench-peer-install`` installs both.
 
 Exit status: 0 if every run succeeded, 1 if any failed (the others are still reported),
-2 if ``--peer`` was asked for and RabbitMQ cannot run.
+2 if ``--peer`` was asked for and a peer cannot run.
 """
 import argparse
 import contextlib
@@ -30,10 +31,32 @@ import time
 import machine
 import markdown
 import rabbitmq_node
+import redis_node
 import table
 from scenarios import SCENARIOS, sizes_for
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+@dataclasses.dataclass
+class Peer:
+    """A broker compared with CipherMQ: its side's name, its node harness, its scenarios."""
+
+    side: str               # "RabbitMQ" or "Redis": the key of its runs in Results
+    key: str                # the name in --peers, and the Scenario attribute naming its function
+    node: object            # module with check_installed() and the context manager below
+    start: str              # name of the context manager in ``node`` that runs a private server
+    scenarios: str          # module of its scenario functions
+    unavailable: type       # the exception ``node`` raises when it cannot run
+
+
+PEERS = [
+    Peer("RabbitMQ", "rabbit", rabbitmq_node, "private_rabbitmq", "rabbitmq_scenarios",
+         rabbitmq_node.RabbitMQUnavailable),
+    Peer("Redis", "redis", redis_node, "private_redis", "redis_scenarios",
+         redis_node.RedisUnavailable),
+]
+SIDES = ["ours"] + [peer.side for peer in PEERS]
 
 
 class Results:
@@ -65,7 +88,7 @@ class Results:
         return [run[figure] for run in self.runs.get((number, side), []) if figure in run]
 
     def errors_of(self, number):
-        return self.errors.get((number, "ours"), []) + self.errors.get((number, "RabbitMQ"), [])
+        return [error for side in SIDES for error in self.errors.get((number, side), [])]
 
     @property
     def failed(self):
@@ -82,33 +105,44 @@ def _say(text):
     print(text, file=sys.stderr, flush=True)
 
 
-def _peer(mode):
-    """``(use_peer, reason_if_not)`` for ``--peer`` (True), ``--no-peer`` (False) or auto (None)."""
-    if mode is False:
-        return False, "not asked for (--no-peer)"
-    try:
-        rabbitmq_node.check_installed()
-    except rabbitmq_node.RabbitMQUnavailable as exc:
-        return False, str(exc)
-    return True, None
+def _peers(mode, wanted):
+    """``({side: Peer}, {side: reason it is left out})`` for ``--peer`` (True), ``--no-peer``
+    (False) or auto (None), among the peers named in ``wanted``."""
+    usable, notes = {}, {}
+    for peer in PEERS:
+        if mode is False:
+            notes[peer.side] = "not asked for (--no-peer)"
+        elif peer.key not in wanted and peer.side.lower() not in wanted:
+            notes[peer.side] = "not asked for (--peers)"
+        else:
+            try:
+                peer.node.check_installed()
+                usable[peer.side] = peer
+            except peer.unavailable as exc:
+                notes[peer.side] = str(exc)
+    return usable, notes
 
 
-def run(scenarios, sizes, repeats, use_peer, stack):
+def run(scenarios, sizes, repeats, peers, stack):
     """Run every scenario ``repeats`` times, alternating sides.
 
-    Returns ``(results, whether RabbitMQ ran, why not if it failed to start)``.  ``stack``
-    (an ExitStack) owns the RabbitMQ node, so it is stopped however the run ends.
+    Returns ``(results, the sides that ran, {side: why not} for peers that failed to
+    start)``.  ``stack`` (an ExitStack) owns the peers' servers, so they are stopped
+    however the run ends.
     """
+    import importlib
+
     results = Results()
-    info, rabbit, peer_note = None, None, None
-    if use_peer:
-        import rabbitmq_scenarios as rabbit
-        _say("Starting a private RabbitMQ node ...")
+    running, notes = {}, {}          # side -> (info, scenario module)
+    for side, peer in peers.items():
+        _say(f"Starting a private {side} server ...")
         try:
-            info = stack.enter_context(rabbitmq_node.private_rabbitmq())
-        except rabbitmq_node.RabbitMQUnavailable as exc:
-            peer_note = f"RabbitMQ did not start: {exc}"
-            _say(peer_note)
+            info = stack.enter_context(getattr(peer.node, peer.start)())
+        except peer.unavailable as exc:
+            notes[side] = f"{side} did not start: {exc}"
+            _say(notes[side])
+            continue
+        running[side] = (info, importlib.import_module(peer.scenarios), peer.key)
     for scenario in scenarios:
         reason = scenario.skip_reason()
         if reason:
@@ -116,12 +150,13 @@ def run(scenarios, sizes, repeats, use_peer, stack):
             _say(f"[{scenario.number}] {scenario.title}: SKIPPED ({reason})")
             continue
         _say(f"[{scenario.number}] {scenario.title}")
-        for _ in range(repeats):
+        for _ in range(min(repeats, scenario.max_repeats or repeats)):
             results.record(scenario.number, "ours", scenario.ours, (sizes,))
-            if info is not None and scenario.rabbit:
-                results.record(scenario.number, "RabbitMQ", getattr(rabbit, scenario.rabbit),
-                               (info, sizes))
-    return results, info is not None, peer_note
+            for side, (info, module, key) in running.items():
+                name = getattr(scenario, key)
+                if name:
+                    results.record(scenario.number, side, getattr(module, name), (info, sizes))
+    return results, set(running), notes
 
 
 def parse_args(argv):
@@ -134,9 +169,11 @@ def parse_args(argv):
                       help="the run for the record (default)")
     peer = parser.add_mutually_exclusive_group()
     peer.add_argument("--peer", dest="peer", action="store_true", default=None,
-                      help="require the RabbitMQ comparison (exit 2 if it cannot run)")
+                      help="require the peers' comparison (exit 2 if one cannot run)")
     peer.add_argument("--no-peer", dest="peer", action="store_false",
                       help="CipherMQ alone")
+    parser.add_argument("--peers", default="rabbitmq,redis", metavar="LIST",
+                        help="which peers to compare with (default: rabbitmq,redis)")
     parser.add_argument("--repeats", type=int, metavar="N",
                         help="runs per scenario and side (default: 3 full, 1 quick)")
     parser.add_argument("--only", metavar="LIST",
@@ -160,29 +197,34 @@ def main(argv=None):
     if args.only:
         wanted = set(args.only.split(","))
         scenarios = [s for s in SCENARIOS if s.number in wanted]
-    use_peer, peer_note = _peer(args.peer)
-    if args.peer and not use_peer:
-        _say(f"RabbitMQ comparison impossible: {peer_note}")
+    peers, peer_notes = _peers(args.peer, {name.strip().lower()
+                                           for name in args.peers.split(",")})
+    impossible = {side: note for side, note in peer_notes.items()
+                  if not note.startswith("not asked for")}
+    if args.peer and impossible:
+        for side, note in impossible.items():
+            _say(f"{side} comparison impossible: {note}")
         return 2
-    if not use_peer:
-        _say(f"RabbitMQ comparison skipped: {peer_note}. Reporting CipherMQ alone.")
+    for side, note in peer_notes.items():
+        _say(f"{side} comparison skipped: {note}.")
     sizes = sizes_for(args.quick)
     started_at = datetime.datetime.now().astimezone()
     described = machine.describe()      # before the run: the commit under test, the load
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
-        results, with_peer, start_note = run(scenarios, sizes, args.repeats, use_peer, stack)
-    if start_note:
-        peer_note = start_note
+        results, with_peers, start_notes = run(scenarios, sizes, args.repeats, peers, stack)
+    peer_notes.update(start_notes)
     elapsed = time.monotonic() - started
     context = {
         "mode": "quick" if args.quick else "full", "repeats": args.repeats, "sizes": sizes,
         "argv": ["bench/run.py"] + list(sys.argv[1:] if argv is None else argv),
         "started_at": started_at.isoformat(timespec="seconds"), "elapsed_s": round(elapsed, 1),
-        "peer": with_peer, "peer_note": peer_note, "machine": described,
+        "peer": "RabbitMQ" in with_peers, "peer_note": peer_notes.get("RabbitMQ"),
+        "redis": "Redis" in with_peers, "redis_note": peer_notes.get("Redis"),
+        "machine": described,
         "load_at_end": machine.load_average(),
     }
-    lines = table.build(scenarios, results, with_peer)
+    lines = table.build(scenarios, results, "RabbitMQ" in with_peers)
     print(table.as_text(lines))
     print(f"total {elapsed:.1f} s")
     os.makedirs(RESULTS_DIR, exist_ok=True)

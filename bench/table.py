@@ -37,12 +37,15 @@ class Line:
     has_peer: bool                  # the scenario has a RabbitMQ side at all
     ours: Summary = None
     rabbit: Summary = None
+    has_redis: bool = False         # the scenario has a Redis side at all
+    redis: Summary = None
     skipped: str = None
     errors: list = dataclasses.field(default_factory=list)
     target: str = None
     met: bool = None                # None: no target, or not judged (see why_unjudged)
     why_unjudged: str = None
     ratio: float = None             # ours / RabbitMQ, medians
+    redis_ratio: float = None       # ours / Redis, medians
     fraction: float = None          # ours / the reference row (the RSA bound), medians
 
     @property
@@ -58,6 +61,12 @@ class Line:
 
     def rabbit_cell(self):
         return spread(self.rabbit) if self.has_peer else "n/a"
+
+    def redis_cell(self):
+        return spread(self.redis) if self.has_redis else "n/a"
+
+    def redis_ratio_cell(self):
+        return "–" if self.redis_ratio is None else f"{self.redis_ratio:.2f}×"
 
     def ratio_cell(self):
         if self.fraction is not None:
@@ -105,6 +114,8 @@ def build(scenarios, results, with_peer):
                 has_peer=scenario.rabbit is not None,
                 ours=summarise(results.values(scenario.number, "ours", row.figure)),
                 rabbit=summarise(results.values(scenario.number, "RabbitMQ", row.figure)),
+                has_redis=scenario.redis is not None,
+                redis=summarise(results.values(scenario.number, "Redis", row.figure)),
                 skipped=results.skipped.get(scenario.number),
                 errors=results.errors_of(scenario.number))
             medians[row.key] = line.ours.median if line.ours else None
@@ -115,6 +126,8 @@ def build(scenarios, results, with_peer):
         rabbit = line.rabbit.median if line.rabbit else None
         if ours is not None and rabbit:
             line.ratio = ours / rabbit
+        if ours is not None and line.redis and line.redis.median:
+            line.redis_ratio = ours / line.redis.median
         if target is None:
             continue
         line.target = target.text
@@ -136,14 +149,16 @@ def build(scenarios, results, with_peer):
 def as_text(lines):
     """The table as plain text, for the terminal."""
     def row(*cells):
-        widths = (4, 44, 24, 26, 26, 15, 28)
+        widths = (4, 44, 24, 26, 26, 15, 26, 10, 28)
         return " ".join(f"{cell:<{width}.{width}}" for cell, width in zip(cells, widths)) \
             + " " + cells[-1]
 
     out = [row("#", "scenario", "figure", "CipherMQ median [min-max]",
-               "RabbitMQ median [min-max]", "ratio", "target", "met?")]
+               "RabbitMQ median [min-max]", "ratio", "Redis median [min-max]", "ratio",
+               "target", "met?")]
     for line in lines:
         out.append(row(line.number, line.title, f"{line.label} {line.arrow}", line.ours_cell(),
-                       line.rabbit_cell(), line.ratio_cell(), line.target or "",
+                       line.rabbit_cell(), line.ratio_cell(), line.redis_cell(),
+                       line.redis_ratio_cell(), line.target or "",
                        line.verdict()))
     return "\n".join(out)

@@ -66,21 +66,29 @@ class Delivery(NamedTuple):
 
 
 class Reply:
-    """The broker's answer to one command: a small future the reader thread fills in."""
+    """The broker's answer to one command: a small future the reader thread fills in.
 
-    __slots__ = ("command", "expect", "sent_at", "_arrived", "_line", "_error")
+    One is made per command, so it is kept cheap: instead of an Event (a
+    Condition and two locks), ``_latch`` is a plain lock taken at creation and
+    released by the reader when the reply arrives; a waiter takes it and gives
+    it straight back, so any number of waiters pass once it is open.
+    """
+
+    __slots__ = ("command", "expect", "sent_at", "_latch", "_arrived", "_line", "_error")
 
     def __init__(self, command, expect=None):
         self.command = command      # for messages: "publish <id>", "ack <id>", "ping"...
         self.expect = expect        # the exact line that answers it, FETCH, or None (any)
         self.sent_at = None
-        self._arrived = threading.Event()
+        self._latch = threading.Lock()
+        self._latch.acquire()       # open (released) once the reply has arrived
+        self._arrived = False
         self._line = None
         self._error = None          # why the connection ended before the reply came
 
     def done(self):
         """True once the reply (or the connection's end) has arrived.  Does not block."""
-        return self._arrived.is_set()
+        return self._arrived
 
     def result(self, timeout=None):
         """Block until the reply arrives, at most ``timeout`` seconds; return it as str.
@@ -89,8 +97,10 @@ class Reply:
         later), ServerError for an ``Error: ...`` reply, and ConnectionLost if
         the connection ended first.
         """
-        if not self._arrived.wait(timeout):
-            raise TimeoutError("no reply to %s within %.1f s" % (self.command, timeout))
+        if not self._arrived:
+            if not self._latch.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+                raise TimeoutError("no reply to %s within %.1f s" % (self.command, timeout))
+            self._latch.release()
         if self._error is not None:
             raise ConnectionLost(self._error)
         text = self._line.decode("utf-8", "replace")
@@ -106,8 +116,12 @@ class Reply:
         return line == self.expect
 
     def _set(self, line=None, error=None):
+        """Fill the reply in and open the latch; once only (later calls change nothing)."""
+        if self._arrived:
+            return
         self._line, self._error = line, error
-        self._arrived.set()
+        self._arrived = True
+        self._latch.release()
 
 
 # -- the client --------------------------------------------------------------------
@@ -240,13 +254,15 @@ class Client:
 
         ``messages`` holds ``(exchange, routing_key, envelope)`` tuples.
         """
-        commands = []
+        commands, prefixes = [], {}
         for exchange, routing_key, envelope in messages:
             message_id, body = envelope_bytes(envelope)
-            line = b"publish %s %s %s\n" % (_name(exchange, "exchange"),
-                                            _routing_key(routing_key), body)
-            commands.append((line, Reply("publish %s" % message_id,
-                                         protocol.ack_reply(message_id)[:-1])))
+            prefix = prefixes.get((exchange, routing_key))
+            if prefix is None:      # each name checked once per call, not once per message
+                prefix = prefixes[exchange, routing_key] = b"publish %s %s " % (
+                    _name(exchange, "exchange"), _routing_key(routing_key))
+            commands.append((prefix + body + b"\n", Reply("publish %s" % message_id,
+                                                          protocol.ack_reply(message_id)[:-1])))
         return self._send(commands)
 
     def publish(self, exchange, routing_key, envelope, timeout=None):

@@ -33,6 +33,7 @@ class ServerConfig:
     line_timeout: float = 30.0           # drop a client that starts a line and never ends it
     auth_timeout: float = 10.0           # with users_file: authenticate (or finish TLS) by then
     read_tick: float = 1.0               # how often a waiting reader checks those deadlines
+    idle_read_tick: float = 60.0         # ... and how long it waits when none is pending
     dedup_window: float = 3600.0         # acked message ids are remembered this long
     dedup_max_ids: int = 1_000_000       # ... and at most this many of them
     data_dir: Optional[str] = None       # journal here (None: memory only, as the document)

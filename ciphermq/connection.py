@@ -14,9 +14,14 @@ the broker a callback, :meth:`Connection.write_pushes`, when it opens its
 session; the broker hands the callbacks of the sessions a publish (or an ack
 that made room) gave pushes back to the reader that caused them, and that
 reader calls them after sending its own replies: a non-blocking send straight
-to each consumer's socket, which saves waking a thread per message.  Whenever
-that cannot finish at once -- the connection is busy writing, or its socket is
-full -- the delivery thread is called to do it, with blocking writes.
+to each consumer's socket, which saves waking a thread per message.  If the
+connection is busy writing (its own reader is sending a reply), the callback
+leaves a flag, ``_pushes_due``, and whoever holds ``send_lock`` writes the
+pushes the same way right after releasing it -- every release of
+``send_lock`` in this class is followed by :meth:`_write_due_pushes`, so a
+flag left while the lock is held is always seen.  Only a socket too full to
+take them (or TLS, whose reads may take ``send_lock`` inside the transport)
+calls the delivery thread, which writes with blocking sends.
 
 Every write to a socket happens with its connection's ``send_lock`` held, so
 bytes never interleave, and pushes are taken from the session only under that
@@ -30,7 +35,11 @@ The reader also enforces the connection's deadlines: authenticate within
 ``idle_timeout``.  They are checked against the clock whenever bytes arrive
 and at every read tick (a read that waits at most ``read_tick`` seconds), so
 however a client paces its bytes it is dropped within its deadline plus one
-tick.
+tick.  A reader with no deadline pending -- authenticated, between lines, no
+``idle_timeout`` -- has nothing to check: once a tick passes in silence it
+waits ``idle_read_tick`` instead, so a thousand idle connections do not wake
+a thousand threads a second; the first bytes that start a line bring the
+short tick back before the next read.
 """
 import logging
 import socket
@@ -77,6 +86,10 @@ class Connection(socketserver.BaseRequestHandler):
         self._group_kind = None     # "publish" or "ack": the kind waiting in _group
         self._group = []            # (parsed command, its slot in _replies)
         self._push_writers = []     # write_pushes callbacks due after this read's replies
+        #: Set by write_pushes when send_lock was taken: its holder writes the
+        #: pushes after releasing it (see the module docstring).  A plain flag:
+        #: set before trying the lock, read after releasing it.
+        self._pushes_due = False
         self._must_sync = False     # a reply in _replies promises something is on disk
         self._hang_up = False       # close once the pending replies are out
         self._writer = None
@@ -85,6 +98,7 @@ class Connection(socketserver.BaseRequestHandler):
         self._connected_at = self._line_started = self._heard_at = self.clock()
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         set_timeouts(self.sock, self.config.read_tick, self.config.write_timeout)
+        self._long_tick = False     # reads wait idle_read_tick: no deadline is pending
         log.info("Client connected: %s", self.peer)
 
     def handle(self):
@@ -101,6 +115,8 @@ class Connection(socketserver.BaseRequestHandler):
             try:
                 for line in framer.feed(data):
                     self._execute(line)
+                if self._long_tick and framer.in_line:
+                    self._set_read_tick(long_tick=False)    # the line deadline is pending
                 if self._group:
                     self._run_group()
                 if self._replies and not self._answer():
@@ -119,7 +135,9 @@ class Connection(socketserver.BaseRequestHandler):
         if self.chaos:
             self._chaos_pause()
         with self.send_lock:
-            return self._flush_locked()
+            sent = self._flush_locked()
+        self._write_due_pushes()
+        return sent
 
     def finish(self):
         """Give back what the session held, stop the delivery thread (bounded), log the end."""
@@ -172,6 +190,8 @@ class Connection(socketserver.BaseRequestHandler):
                 data = self.transport.recv(whole_records=False)
             except BlockingIOError:     # a read tick, or TLS bytes that finish no record yet
                 data = None
+                if not self._long_tick and not self._deadline_pending(framer):
+                    self._set_read_tick(long_tick=True)
             except OSError as exc:
                 log.info("Connection from %s lost: %s", self.peer, exc)
                 return b""
@@ -183,6 +203,17 @@ class Connection(socketserver.BaseRequestHandler):
                 return b""
             if data:
                 return data
+
+    def _deadline_pending(self, framer):
+        """True while a deadline may pass: not authenticated, mid-line, or an idle timeout."""
+        return (self.principal is None or framer.in_line
+                or self.config.idle_timeout is not None)
+
+    def _set_read_tick(self, long_tick):
+        """Make reads wait ``idle_read_tick`` (long) or ``read_tick``; the reader only."""
+        self._long_tick = long_tick
+        set_timeouts(self.sock, self.config.idle_read_tick if long_tick else self.config.read_tick,
+                     self.config.write_timeout)
 
     def _overdue(self, framer, heard):
         """Which deadline has passed, if any (a reason for the log), else None.
@@ -268,6 +299,7 @@ class Connection(socketserver.BaseRequestHandler):
             results, writers = self.broker.acknowledge_many(self.session, ids)
             self._fill_group_replies("ack", ids, group, results, writers)
             self._flush_locked()
+        self._write_due_pushes()
 
     def _fill_group_replies(self, kind, ids, group, results, writers):
         if kind == "publish":
@@ -356,6 +388,7 @@ class Connection(socketserver.BaseRequestHandler):
                 if (batch or self.transport.backlog) and \
                         not self._send_locked(self._push_lines(batch)):
                     return
+            self._write_due_pushes()
 
     def _push_lines(self, batch):
         """The ``Message:`` lines for a batch of deliveries (chaos may lose some)."""
@@ -379,23 +412,40 @@ class Connection(socketserver.BaseRequestHandler):
 
         The callback this connection gave the broker (see the module
         docstring): called by the reader that just routed messages here,
-        often another connection's.  If this connection is busy writing, or
-        its socket cannot take everything at once, the delivery thread is
-        called to finish the job.  (Chaos mode always leaves pushes to that
-        thread.)
+        often another connection's.  If this connection is busy writing, the
+        thread writing writes them after it (see the module docstring); if its
+        socket cannot take everything at once, the delivery thread is called
+        to finish the job.  (Chaos mode always leaves pushes to that thread.)
         """
-        if self.chaos or not self.send_lock.acquire(blocking=False):
+        if self.chaos:
             self.broker.call_writer(self.session)
             return
-        try:
-            batch = self.broker.take_pushes(self.session)
-            if batch and not self.transport.send_nowait(self._push_lines(batch)):
-                self.broker.call_writer(self.session)   # the socket is full: a blocking write
-        except OSError as exc:
-            log.info("Connection from %s lost: %s", self.peer, exc)
-            self.close()
-        finally:
-            self.send_lock.release()
+        self._pushes_due = True
+        self._write_due_pushes()
+        if self._pushes_due and self.transport.reads_take_send_lock:
+            # TLS: the holder may be the reader inside the transport, which
+            # does not come back here; the delivery thread takes over.
+            self.broker.call_writer(self.session)
+
+    def _write_due_pushes(self):
+        """Write the pushes write_pushes left, unless another thread holds ``send_lock``.
+
+        Called by write_pushes and after every release of ``send_lock``: if the
+        lock is taken, its holder calls this again once it has released it.
+        Never blocks.  A socket that cannot take everything at once is left to
+        the delivery thread.
+        """
+        while self._pushes_due and self.send_lock.acquire(blocking=False):
+            try:
+                self._pushes_due = False
+                batch = self.broker.take_pushes(self.session)
+                if batch and not self.transport.send_nowait(self._push_lines(batch)):
+                    self.broker.call_writer(self.session)   # the socket is full: a blocking write
+            except OSError as exc:
+                log.info("Connection from %s lost: %s", self.peer, exc)
+                self.close()
+            finally:
+                self.send_lock.release()
 
     # -- commands: each appends its reply to self._replies ------------------
 
@@ -469,6 +519,7 @@ class Connection(socketserver.BaseRequestHandler):
             self.broker.register_consumer(self.session, queue, prefetch)
             self._replies.append(protocol.SUBSCRIBED)
             self._flush_locked()
+        self._write_due_pushes()
 
     def do_fetch(self, args):
         (raw_queue,) = protocol.split_args(args, "fetch <queue>", 1)

@@ -51,6 +51,7 @@ class PlainTransport:
     """TCP as it is."""
 
     tls_name = None                 # the peer certificate's name (TLS only)
+    reads_take_send_lock = False    # recv never takes send_lock (TLS's may: a key update)
 
     def __init__(self, sock):
         self.sock = sock
@@ -120,6 +121,8 @@ class TlsTransport(PlainTransport):
     The handshake happens in the constructor, bounded by ``handshake_timeout``;
     a client names the ``server_hostname`` its certificate must match.
     """
+
+    reads_take_send_lock = True
 
     def __init__(self, sock, context, *, server_side, server_hostname=None,
                  handshake_timeout=10.0):
