@@ -210,6 +210,16 @@ def read_records(path):
     return records
 
 
+def finished_records(path):
+    """The lines of a JSON-lines file a writer may still be appending to, parsed, all but an
+    unfinished last one (for polling while a receiver runs; read_records once it has stopped)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    text = path.read_text(encoding="utf-8")
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()]
+
+
 def assert_exactly_once(records, expected_messages):
     """The output holds each expected message once, and nothing else."""
     ids = [record["message_id"] for record in records]
