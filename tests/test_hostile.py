@@ -548,32 +548,29 @@ def run_rst_holding_a_message(ctx):
     assert heir.call("ack rh-1") == "ACK_CONFIRMED rh-1"
 
 
-def closes_without_a_line(sock):
-    """True once the broker closes ``sock`` (EOF or reset) having sent no line of text."""
+def _received_until_closed(sock):
+    """Everything the broker sends on ``sock`` until it closes it (EOF or reset)."""
     data = b""
     try:
         while True:
             chunk = sock.recv(65536)
             if not chunk:
-                break
+                return data
             data += chunk
     except ConnectionResetError:
-        pass
+        return data
+
+
+def closes_without_a_line(sock):
+    """True once the broker closes ``sock`` (EOF or reset) having sent no line of text."""
+    data = _received_until_closed(sock)
     return b"\n" not in data or not data.isascii()     # a TLS alert at most, never a reply
 
 
 def closes_with_the_tls_hint_at_most(sock):
     """True once the broker closes ``sock`` having sent, as text, at most the one line that
     tells a plaintext client to use TLS (never a reply to what it sent)."""
-    data = b""
-    try:
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    except ConnectionResetError:
-        pass
+    data = _received_until_closed(sock)
     return data in (b"", PLAINTEXT_ON_TLS_PORT) or b"\n" not in data or not data.isascii()
 
 

@@ -10,7 +10,7 @@ import signal
 
 import pytest
 from conftest import Wire
-from consumer_faults import hung_receiver, stale_backlog
+from consumer_faults import broker_totals, hung_receiver, stale_backlog
 from scripts import (
     PATIENCE,
     assert_exactly_once,
@@ -24,14 +24,6 @@ from test_faults import CI, play
 from ciphermq import checker
 
 COUNT = 300
-
-
-def broker_stats(broker):
-    wire = Wire(broker.address)
-    try:
-        return json.loads(wire.call("stats"))
-    finally:
-        wire.close()
 
 
 def send(broker, keys, tmp_path, *args):
@@ -69,7 +61,7 @@ def test_a_hung_then_killed_receiver_loses_nothing_and_dead_letters_nothing(
     receiver = stop_mid_stream(spawn, broker, keys, output)
     # 10 passes of the redelivery timer find it stalled: old code dead-letters after 3.
     broker.wait_for_log("stalled", count=10)
-    assert broker_stats(broker)["totals"]["dead_lettered"] == 0
+    assert broker_totals(broker)["totals"]["dead_lettered"] == 0
     receiver.proc.send_signal(signal.SIGKILL)
     receiver.wait()
     stored = len({r["message_id"] for r in finished_records(output)})   # a kill may tear one
@@ -78,7 +70,7 @@ def test_a_hung_then_killed_receiver_loses_nothing_and_dead_letters_nothing(
     assert again.wait(PATIENCE * 3) == 0, again.stdout + again.stderr
     tally = checker.check([record], output)
     assert (len(tally.lost), len(tally.duplicated), len(tally.stored)) == (0, 0, COUNT)
-    stats = broker_stats(broker)
+    stats = broker_totals(broker)
     assert stats["totals"]["dead_lettered"] == 0
     assert stats["queues"].get("default_queue.dead", {"ready": 0})["ready"] == 0
 
@@ -100,7 +92,7 @@ def test_a_hung_receiver_is_timed_out_and_its_messages_redelivered(
     assert receiver.wait() == 0
     tally = checker.check([record], output)
     assert (len(tally.lost), len(tally.duplicated), len(tally.stored)) == (0, 0, COUNT)
-    assert broker_stats(broker)["totals"]["dead_lettered"] == 0
+    assert broker_totals(broker)["totals"]["dead_lettered"] == 0
 
 
 def test_a_stale_backlog_is_dead_lettered_with_a_reason_and_the_checker_says_so(
@@ -118,7 +110,7 @@ def test_a_stale_backlog_is_dead_lettered_with_a_reason_and_the_checker_says_so(
     rejects = read_records(tmp_path / "out.rejects.json")
     assert len(rejects) == 20 and all(r["reason"] == "older than max_age_seconds"
                                       for r in rejects)
-    stats = broker_stats(broker)
+    stats = broker_totals(broker)
     assert stats["queues"]["default_queue"]["ready"] == 0
     assert stats["queues"]["default_queue.dead"]["ready"] == 20
     rescuer = Wire(broker.address)
