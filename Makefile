@@ -94,7 +94,7 @@ clean:
 # ---------------------------------------------------------------------------------------
 # Benchmarks (bench/, docs/BENCHMARKS.md).  RabbitMQ and Redis Streams are compared when
 # they and their client libraries are installed; a missing one is left out with a note.
-.PHONY: bench bench-quick bench-peer-install
+.PHONY: bench bench-quick bench-peer-install bench-compare
 
 # The full run for the record (~9 min): rewrites docs/BENCHMARKS.md and docs/benchmarks.png.
 # It first tries to install the peers (RabbitMQ, Redis, their clients); where that is not possible
@@ -106,6 +106,17 @@ bench: install
 # Smoke run (a few seconds per scenario, 1 repeat): prints the table, writes no report.
 bench-quick: install
 	$(PY) bench/run.py --quick
+
+# Before and after (issues 11, 15): the CipherMQ side of scenarios 1-5, 7, 7b, 8 against the
+# broker of BASE (a temporary git worktree) and of this checkout, alternately, ROUNDS times
+# each (~1 min per round); rewrites the "Before and after (issue 11)" section of OUT only.
+# OUT= (empty) prints the table only.
+BASE   ?= 5c2017c
+ROUNDS ?= 6
+OUT    ?= docs/BENCHMARKS.md
+
+bench-compare: install
+	$(PY) bench/compare.py --base $(BASE) --rounds $(ROUNDS) $(if $(OUT),--out $(OUT)) $(ARGS)
 
 # The peers: Debian's rabbitmq-server and redis-server (needs root) and the `bench` extra
 # (pika, redis-py, hiredis, matplotlib).  On a normal host the packages start system servers;

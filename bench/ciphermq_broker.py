@@ -7,6 +7,9 @@ black box: the harness only speaks the wire protocol to it and reads its RSS fro
 Readiness is a connect-and-``ping`` retry loop bounded by START_TIMEOUT; between tries the
 harness waits on the broker process itself, so a broker that exits at start is reported at
 once with its log.
+
+``broker_source(tree)`` makes the brokers of a ``with`` block come from another source tree
+(bench/compare.py: the same scenarios against the broker of an older commit).
 """
 import contextlib
 import os
@@ -27,6 +30,40 @@ RETRY_TICK = 0.05           # seconds between connection attempts (spent waiting
 
 class BrokerFailed(RuntimeError):
     """The broker did not start, or exited while a scenario was using it."""
+
+
+class UnknownBrokerOption(BrokerFailed):
+    """The harness asked for a broker option that the broker's source tree does not have."""
+
+
+# Where running_broker starts brokers from, and the options that broker accepts (None: not
+# checked).  Set only by broker_source, from the one thread that runs the scenarios.
+_source = {"tree": REPO, "options": None}
+
+
+@contextlib.contextmanager
+def broker_source(tree, options=None):
+    """Within the block, running_broker starts ``python -m ciphermq.server`` from the source
+    tree at ``tree`` (see source_environment) instead of this checkout.  ``options``, if
+    given, is the set of option names that broker accepts (``--port``, ...): running_broker
+    then raises UnknownBrokerOption for any other instead of starting a broker that would
+    exit on it.  The relay and the clients are not affected."""
+    saved = dict(_source)
+    _source.update(tree=os.path.abspath(tree), options=options)
+    try:
+        yield
+    finally:
+        _source.update(saved)
+
+
+def source_environment(tree):
+    """``(cwd, env)`` for a process that must import ``ciphermq`` from ``tree``: ``tree`` is
+    its working directory and the head of PYTHONPATH.  Both come before this checkout's
+    editable install, whose finder is the last on ``sys.meta_path``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [tree] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return tree, env
 
 
 def _answers_ping(port, login=b""):
@@ -59,10 +96,18 @@ def running_broker(*options, login=b""):
     it for RSS).  Blocks up to START_TIMEOUT while starting; raises BrokerFailed if the
     broker exits or does not answer.  The broker is stopped (SIGTERM, then SIGKILL) when the
     block exits, however it exits.  With ``--users``, pass ``login=b"auth <name> <token>\\n"``
-    for the readiness check.
+    for the readiness check.  Inside ``broker_source(tree, options)``, the broker comes from
+    ``tree``, and an option it lacks raises UnknownBrokerOption before anything starts.
     """
-    with _running("broker", ["-m", "ciphermq.server", "--log-level", "WARNING", *options],
-                  login) as info:
+    argv = ["-m", "ciphermq.server", "--log-level", "WARNING", *options]
+    known = _source["options"]
+    if known is not None:
+        unknown = [arg.split("=")[0] for arg in argv
+                   if arg.startswith("--") and arg.split("=")[0] not in known]
+        if unknown:
+            raise UnknownBrokerOption(f"the broker at {_source['tree']} has no option "
+                                      f"{', '.join(unknown)}")
+    with _running("broker", argv, login, _source["tree"]) as info:
         yield info
 
 
@@ -74,12 +119,14 @@ def running_relay():
 
 
 @contextlib.contextmanager
-def _running(name, argv, login=b""):
+def _running(name, argv, login=b"", tree=REPO):
     port = free_port()
+    cwd, env = (REPO, None) if tree == REPO else source_environment(tree)
     with tempfile.NamedTemporaryFile(prefix="bench-server-", suffix=".log") as log_file:
         proc = subprocess.Popen(
             [sys.executable, *argv, "--port", str(port)],
-            cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file)
+            cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=log_file)
         try:
             _wait_ready(name, proc, port, log_file.name, login)
             try:

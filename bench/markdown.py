@@ -2,6 +2,8 @@
 
 The "## Profile and gaps" section is written by people: ``write`` carries it over from the
 file it replaces (or leaves a placeholder), so ``make bench`` can be run again at any time.
+Everything after it is carried over too: bench/compare.py keeps its "## Before and after
+(issue 11)" section there.
 """
 import datetime
 import os
@@ -27,7 +29,8 @@ TEMPLATE = """\
 * Peer: {peer}.
 * Second peer: {redis_peer}.
 
-`make bench` rewrites everything here but the "Profile and gaps" section. The raw runs are in
+`make bench` rewrites everything here but the "Profile and gaps" section and what follows it
+(`make bench-compare` writes "Before and after (issue 11)" there). The raw runs are in
 `bench/results/` (not committed).
 
 ## Results
@@ -197,7 +200,8 @@ def _failures(lines):
 
 
 def _previous_profile(path):
-    """The "Profile and gaps" section of the report at ``path``, or None."""
+    """The "Profile and gaps" section of the report at ``path`` and everything after it, or
+    None."""
     try:
         with open(path, encoding="utf-8") as previous:
             text = previous.read()
