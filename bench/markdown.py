@@ -84,6 +84,8 @@ above ~1 before the run) shows up as spread and hits every broker alike, run by 
 make bench               # this report: $(PY) bench/run.py --full --out docs/BENCHMARKS.md
 make bench-quick         # smoke run, prints the table only: $(PY) bench/run.py --quick
 make bench-peer-install  # as root: apt-get install rabbitmq-server redis-server; the bench extra
+make bench-compare       # before/after: the broker of 5c2017c against this one, section below
+make bench-compare BASE=<commit> ROUNDS=10 OUT=   # another base, more rounds, print only
 python bench/run.py --only 1,4 --repeats 5 --no-peer   # a few scenarios, CipherMQ alone
 python bench/run.py --only 3 --peers redis             # one scenario, CipherMQ and Redis
 ```
