@@ -106,15 +106,19 @@ class Connection(socketserver.BaseRequestHandler):
         if not self.server.register(self) or not self._open_transport():
             return
         framer = protocol.LineFramer(self.config.max_line_bytes)
+        turn = self.server.turns.turn()
         while True:
             data = self._receive(framer)
             if not data:
                 return
             if b"\n" in data or not framer.in_line:    # the unfinished line began in data
                 self._line_started = self._heard_at     # when data arrived
+            turn.begin()
             try:
                 for line in framer.feed(data):
                     self._execute(line)
+                    if turn.due():      # a neighbour is busy and this turn is over
+                        self._step_aside(turn)
                 if self._long_tick and framer.in_line:
                     self._set_read_tick(long_tick=False)    # the line deadline is pending
                 if self._group:
@@ -124,9 +128,16 @@ class Connection(socketserver.BaseRequestHandler):
             finally:
                 if self._push_writers:  # after our replies: the publisher waits for its ACK
                     self._run_push_writers()
+                turn.end()
             if self._hang_up:
                 self.close()
                 return
+
+    def _step_aside(self, turn):
+        """Let a busy neighbour run (ciphermq/turns.py): first run the commands grouped so
+        far, so no group outlasts a turn under the broker lock, then wait for its turn."""
+        self._run_group()
+        turn.step_aside()
 
     def _answer(self):
         """Send this read's replies, once the journal has them; False if the connection is over."""
