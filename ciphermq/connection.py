@@ -35,7 +35,9 @@ The reader also enforces the connection's deadlines: authenticate within
 ``idle_timeout``.  They are checked against the clock whenever bytes arrive
 and at every read tick (a read that waits at most ``read_tick`` seconds), so
 however a client paces its bytes it is dropped within its deadline plus one
-tick.  A reader with no deadline pending -- authenticated, between lines, no
+tick.  Between two commands of one read, a reader whose turn is over while
+another connection's reader is busy steps aside for it (``--fair-turn``, see
+:mod:`ciphermq.turns`).  A reader with no deadline pending -- authenticated, between lines, no
 ``idle_timeout`` -- has nothing to check: once a tick passes in silence it
 waits ``idle_read_tick`` instead, so a thousand idle connections do not wake
 a thousand threads a second; the first bytes that start a line bring the
