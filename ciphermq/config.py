@@ -51,12 +51,36 @@ class ServerConfig:
     max_unacked: int = 10_000            # unacked messages one connection holds
     login_failure_limit: int = 20        # failed logins per source address ...
     login_failure_window: float = 60.0   # ... per this many seconds; then refused unchecked
+    # The interpreter's switch interval (sys.setswitchinterval): how long a thread woken from
+    # a socket may wait for the interpreter lock while another connection's thread runs
+    # Python.  Process-wide, so only main() applies it (docs/SECURITY.md, "Hostile neighbours").
+    switch_interval: float = 0.001
+    # A connection that has run commands this long while another connection has commands
+    # to run steps aside between two commands (ciphermq/turns.py); 0: never.
+    fair_turn: float = 0.0005
+    fair_max_wait: float = 0.002         # ... for at most this long each time
     chaos: Optional[str] = None          # fault injection spec (ciphermq/chaos.py); None: off
     chaos_seed: Optional[int] = None
     http_port: Optional[int] = None      # the dashboard (ciphermq/dashboard.py); None: off
     http_request_timeout: float = 10.0   # a dashboard request must arrive within this
     http_max_request_bytes: int = 8192   # request line + headers, at most
     http_max_connections: int = 32       # dashboard requests served at once
+
+
+def switch_interval(text):
+    """argparse type: seconds, more than 0 and at most 1 (sys.setswitchinterval's unit)."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError("must be more than 0 and at most 1 second")
+    return value
+
+
+def seconds_or_zero(text):
+    """argparse type: seconds, 0 or more."""
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError("must be 0 or more seconds")
+    return value
 
 
 def port_number(text):

@@ -35,7 +35,9 @@ The reader also enforces the connection's deadlines: authenticate within
 ``idle_timeout``.  They are checked against the clock whenever bytes arrive
 and at every read tick (a read that waits at most ``read_tick`` seconds), so
 however a client paces its bytes it is dropped within its deadline plus one
-tick.  A reader with no deadline pending -- authenticated, between lines, no
+tick.  Between two commands of one read, a reader whose turn is over while
+another connection's reader is busy steps aside for it (``--fair-turn``, see
+:mod:`ciphermq.turns`).  A reader with no deadline pending -- authenticated, between lines, no
 ``idle_timeout`` -- has nothing to check: once a tick passes in silence it
 waits ``idle_read_tick`` instead, so a thousand idle connections do not wake
 a thousand threads a second; the first bytes that start a line bring the
@@ -106,15 +108,19 @@ class Connection(socketserver.BaseRequestHandler):
         if not self.server.register(self) or not self._open_transport():
             return
         framer = protocol.LineFramer(self.config.max_line_bytes)
+        turn = self.server.turns.turn()
         while True:
             data = self._receive(framer)
             if not data:
                 return
             if b"\n" in data or not framer.in_line:    # the unfinished line began in data
                 self._line_started = self._heard_at     # when data arrived
+            turn.begin()
             try:
                 for line in framer.feed(data):
                     self._execute(line)
+                    if turn.due():      # a neighbour is busy and this turn is over
+                        self._step_aside(turn)
                 if self._long_tick and framer.in_line:
                     self._set_read_tick(long_tick=False)    # the line deadline is pending
                 if self._group:
@@ -124,9 +130,16 @@ class Connection(socketserver.BaseRequestHandler):
             finally:
                 if self._push_writers:  # after our replies: the publisher waits for its ACK
                     self._run_push_writers()
+                turn.end()
             if self._hang_up:
                 self.close()
                 return
+
+    def _step_aside(self, turn):
+        """Let a busy neighbour run (ciphermq/turns.py): first run the commands grouped so
+        far, so no group outlasts a turn under the broker lock, then wait for its turn."""
+        self._run_group()
+        turn.step_aside()
 
     def _answer(self):
         """Send this read's replies, once the journal has them; False if the connection is over."""

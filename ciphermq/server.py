@@ -34,7 +34,7 @@ from . import __version__, recovery
 from .access import Users
 from .broker import Broker
 from .chaos import Chaos, ChaosSpecError
-from .config import ServerConfig, port_number
+from .config import ServerConfig, port_number, seconds_or_zero, switch_interval
 from .connection import Connection
 from .dashboard import Dashboard
 from .envelope import EnvelopeLimits
@@ -42,6 +42,7 @@ from .journal import EXIT_DAMAGED, Journal, JournalDamaged, JournalError
 from .logins import LoginGuard
 from .redelivery import RedeliveryTimer
 from .transport import server_tls_context
+from .turns import Turns
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,9 @@ class BrokerServer(socketserver.ThreadingTCPServer):
         self.users = Users.load(self.config.users_file) if self.config.users_file else None
         self.login_guard = LoginGuard(self.config.login_failure_limit,
                                       self.config.login_failure_window, clock=clock)
+        #: Readers take turns (ciphermq/turns.py); on the real clock, whatever ``clock`` is:
+        #: a turn is CPU time, not a deadline.
+        self.turns = Turns(self.config.fair_turn, self.config.fair_max_wait)
         self.envelope_limits = EnvelopeLimits(self.config.max_extra_fields,
                                               self.config.max_json_depth)
         self.tls_context = None
@@ -322,6 +326,14 @@ def build_parser():
              "logins are refused unchecked (default %(default)s)")
     add("--login-failure-window", type=float, default=defaults.login_failure_window,
         metavar="SECONDS", help="the window of --login-failure-limit (default %(default)s)")
+    add("--switch-interval", type=switch_interval, default=defaults.switch_interval,
+        metavar="SECONDS",
+        help="the interpreter's thread switch interval in the broker process: the longest a "
+             "connection woken by its socket waits while another runs (default %(default)s; "
+             "Python's own is 0.005)")
+    add("--fair-turn", type=seconds_or_zero, default=defaults.fair_turn, metavar="SECONDS",
+        help="a connection that has run commands this long while another has commands to "
+             "run steps aside for it between two commands; 0 = never (default %(default)s)")
     add("--chaos", default=None, metavar="SPEC",
         help="inject faults for teaching, e.g. drop-ack=0.05,drop-confirm=0.05,"
              "drop-delivery=0.02,disconnect=0.01,delay-ms=0-20 (default: off)")
@@ -348,6 +360,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Process-wide, so the entry point sets it, not BrokerServer (docs/SECURITY.md,
+    # "Hostile neighbours").
+    sys.setswitchinterval(args.switch_interval)
+    log.info("Interpreter switch interval %g ms", sys.getswitchinterval() * 1000)
     try:
         server = BrokerServer(config_from_args(args))
     except JournalDamaged as exc:

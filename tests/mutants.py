@@ -164,6 +164,18 @@ MUTANTS = [
              "        if expected_id is not None and message_id != expected_id:",
              "        if False:"),),
            ("tests/test_crypto.py::test_expected_id_must_match",)),
+    Mutant("connection-never-steps-aside",
+           "a connection busy with a long read steps aside for a busy neighbour (--fair-turn)",
+           (("ciphermq/connection.py",
+             "                    if turn.due():      # a neighbour is busy and this turn is over",
+             "                    if False:"),),
+           ("tests/test_turns.py::test_a_connection_steps_aside_between_commands_for_a_busy_neighbour",)),
+    Mutant("switch-interval-not-applied",
+           "the broker process runs with --switch-interval, not Python's 5 ms",
+           (("ciphermq/server.py",
+             "    sys.setswitchinterval(args.switch_interval)\n",
+             ""),),
+           ("tests/test_cli.py::test_switch_interval_is_applied_to_the_broker_process",)),
 ]
 
 

@@ -11,6 +11,8 @@ import pytest
 from conftest import WAIT, publish_line
 from scripts import load_script
 
+from ciphermq.config import ServerConfig
+
 BIN = Path(__file__).resolve().parent.parent / "bin"
 
 
@@ -41,6 +43,28 @@ def test_options_are_applied(broker_process):
         client.sendall(publish_line("q2").encode())
         assert reader.readline() == b"Error: queue 'default_queue' is full\n"
     assert broker.stop() == 0
+
+
+def test_switch_interval_is_applied_to_the_broker_process(broker_process):
+    """--switch-interval becomes the broker process's interpreter switch interval, and
+    without it the broker runs with ServerConfig's default, not Python's 5 ms."""
+    given = broker_process("--switch-interval", "0.0002")
+    given.wait_for_log("Interpreter switch interval 0.2 ms")
+    default = broker_process()
+    default.wait_for_log("Interpreter switch interval %g ms"
+                         % (ServerConfig().switch_interval * 1000))
+    assert ServerConfig().switch_interval < 0.005
+    assert given.stop() == 0 and default.stop() == 0
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "1.5", "soon"])
+def test_switch_interval_out_of_range_is_a_usage_error(value):
+    """A switch interval that is not more than 0 and at most 1 s is refused with exit 2."""
+    result = subprocess.run([sys.executable, "-m", "ciphermq.server", "--port", "0",
+                             "--switch-interval", value],
+                            capture_output=True, text=True, timeout=WAIT * 2)
+    assert result.returncode == 2
+    assert "--switch-interval" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_bad_arguments_exit_2():
