@@ -64,10 +64,14 @@ STATS_MAX_QUEUES = 100
 
 
 class Message:
-    """One copy of a message in one queue."""
+    """One copy of a message in one queue.
 
-    __slots__ = ("id", "body", "queue", "deliveries", "consumer", "deadline", "returns",
-                 "handed_at", "seq", "pushed_again", "push_lost", "reason")
+    Only what a copy keeps while it waits in its queue: a broker with a long
+    backlog holds one of these per queued copy (80 bytes).  While it is in
+    flight, its hand-over is a :class:`Delivery`.
+    """
+
+    __slots__ = ("id", "body", "queue", "deliveries", "returns", "reason")
 
     def __init__(self, message_id, body, queue, reason=None):
         self.id = message_id
@@ -75,13 +79,27 @@ class Message:
         self.queue = queue
         self.deliveries = 0         # times pushed to a consumer or pulled by consume()
         self.returns = 0            # times given back: nack, disconnect, timeouts (see module)
-        self.consumer = None        # the Consumer it was pushed to (None when pulled)
-        self.deadline = 0.0         # when an unacked delivery is taken back
-        self.handed_at = 0.0        # clock() of the current delivery
-        self.seq = 0                # the broker's hand-over count at the current delivery
-        self.pushed_again = False   # already pushed once more to a stalled consumer
-        self.push_lost = False      # chaos mode lost its push: a timeout is a plain redelivery
         self.reason = reason        # why it is in a dead-letter queue (None elsewhere)
+
+
+class Delivery:
+    """One hand-over of a message to a session, from push or fetch to ack or give-back.
+
+    ``Session.held`` maps each id it holds to one of these; a message given
+    back and handed over again gets a new one.
+    """
+
+    __slots__ = ("message", "consumer", "handed_at", "deadline", "seq", "pushed_again",
+                 "push_lost")
+
+    def __init__(self, message, consumer, handed_at, deadline, seq):
+        self.message = message
+        self.consumer = consumer    # the Consumer it was pushed to (None when pulled)
+        self.handed_at = handed_at  # clock() of the hand-over
+        self.deadline = deadline    # when it is taken back if still unacked
+        self.seq = seq              # the broker's hand-over count at this hand-over
+        self.pushed_again = False   # already pushed once more to this stalled consumer
+        self.push_lost = False      # chaos mode lost its push: a timeout is a plain redelivery
 
 
 class Queue:
@@ -145,7 +163,7 @@ class Session:
         self.heard_at = now         # clock() of its last ack, nack, reject, fetch or consume
         self.stalled = False        # silent since a push fell due (see the module docstring)
         self.progress = 0           # highest Message.seq it acked, nacked or rejected
-        self.held = {}              # message id -> Message delivered and not acked, in order
+        self.held = {}              # message id -> its Delivery, not acked yet, in order
         self.consumers = {}         # queue name -> Consumer
         self.pushes = []            # (message_id, body, delivery_count) to write
         self.has_pushes = threading.Condition(mutex)
@@ -410,9 +428,9 @@ class Broker:
         as any unacked delivery is, not treated as waiting at a stalled consumer."""
         with self.mutex:
             for message_id in message_ids:
-                message = session.held.get(message_id)
-                if message is not None:
-                    message.push_lost = True
+                delivery = session.held.get(message_id)
+                if delivery is not None:
+                    delivery.push_lost = True
 
     def call_writer(self, session):
         """Make the session's delivery thread look at its pushes (and its connection's backlog)."""
@@ -453,13 +471,14 @@ class Broker:
     def _acknowledge(self, session, message_id):
         """acknowledge() with the mutex held."""
         was_full = len(session.held) >= self.max_unacked
-        message = session.held.pop(message_id, None)
-        if message is None:
+        delivery = session.held.pop(message_id, None)
+        if delivery is None:
             if message_id in self._acked_at:
                 return False
             raise BrokerError("message '%s' is not delivered to this connection" % message_id)
-        session.progress = max(session.progress, message.seq)
-        self._release(message)
+        session.progress = max(session.progress, delivery.seq)
+        self._release(delivery)
+        message = delivery.message
         self._forget_copy(message)
         self.totals["acked"] += 1
         self._dispatch(message.queue)
@@ -474,13 +493,13 @@ class Broker:
         with self.mutex:
             was_full = len(session.held) >= self.max_unacked
             self._heard(session)
-            message = session.held.pop(message_id, None)
-            if message is None:
+            delivery = session.held.pop(message_id, None)
+            if delivery is None:
                 raise BrokerError("message '%s' is not delivered to this connection"
                                   % message_id)
-            session.progress = max(session.progress, message.seq)
+            session.progress = max(session.progress, delivery.seq)
             events = []
-            self._requeue([message], events, "nacked")
+            self._requeue([delivery], events, "nacked")
             if was_full:
                 self._dispatch_consumers_of(session)
             self._notify_writers()
@@ -508,16 +527,17 @@ class Broker:
         events = []
         with self.mutex:
             self._heard(session)
-            message = session.held.get(message_id)
-            if message is None:
+            delivery = session.held.get(message_id)
+            if delivery is None:
                 raise BrokerError("message '%s' is not delivered to this connection"
                                   % message_id)
+            message = delivery.message
             if message.queue.is_dead_letter_queue:
                 raise BrokerError("message '%s' is already in %s: ack it to drop it"
                                   % (message_id, message.queue.name))
             del session.held[message_id]
-            session.progress = max(session.progress, message.seq)
-            self._release(message)
+            session.progress = max(session.progress, delivery.seq)
+            self._release(delivery)
             dead = self._dead_letter(message, "rejected: %s" % reason, events)
             self._dispatch(message.queue)
             self._dispatch(dead)
@@ -604,7 +624,7 @@ class Broker:
                 if not session.held:
                     continue
                 silent_since = max(session.heard_at,
-                                   min(m.handed_at for m in session.held.values()))
+                                   min(d.handed_at for d in session.held.values()))
                 if self.consumer_timeout and now - silent_since >= self.consumer_timeout:
                     hang_ups.append(session.hang_up)
                     events.append((logging.WARNING, "Consumer %s acked nothing for %.0f s: "
@@ -632,20 +652,22 @@ class Broker:
         """
         next_due = now + self.redelivery_interval
         given_back, waiting = [], 0
-        for message in list(session.held.values()):
-            if message.deadline > now:
-                next_due = min(next_due, message.deadline)
-            elif message.consumer is None or message.push_lost or \
-                    session.progress > message.seq:
-                del session.held[message.id]    # pulled, lost, or skipped: counted
-                given_back.append(message)
-            elif session.heard_at > message.handed_at:
-                message.deadline = now + self.redelivery_interval   # slow: not there yet
-                next_due = min(next_due, message.deadline)
+        for delivery in list(session.held.values()):
+            if delivery.deadline > now:
+                next_due = min(next_due, delivery.deadline)
+            elif delivery.consumer is None or delivery.push_lost or \
+                    session.progress > delivery.seq:
+                del session.held[delivery.message.id]   # pulled, lost, or skipped: counted
+                given_back.append(delivery)
+            elif session.heard_at > delivery.handed_at:
+                delivery.deadline = now + self.redelivery_interval  # slow: not there yet
+                next_due = min(next_due, delivery.deadline)
             else:
                 session.stalled = True
-                waiting += self._unstick(session, message, now, events)
-                next_due = min(next_due, message.deadline)
+                current = self._unstick(session, delivery, now, events)
+                if current is delivery:
+                    waiting += 1
+                next_due = min(next_due, current.deadline)
         if waiting:
             events.append((logging.INFO, "Consumer %s stalled (silent for %.1f s): "
                            "%d overdue message(s) wait for it, not counted as failed "
@@ -721,7 +743,8 @@ class Broker:
                 state.exchanges[name] = exchange.kind
                 for key, queue in exchange.bindings():
                     state.bindings.append((name, queue.name, key))
-            in_flight = [m for session in self._sessions for m in session.held.values()]
+            in_flight = [delivery.message for session in self._sessions
+                         for delivery in session.held.values()]
             for message in in_flight + [m for q in self._queues.values() for m in q.ready]:
                 entry = state.live.setdefault(message.id, (message.body, []))
                 entry[1].append(message.queue.name)
@@ -819,31 +842,30 @@ class Broker:
         session.has_pushes.notify_all()
         return len(held)
 
-    def _unstick(self, session, message, now, events):
+    def _unstick(self, session, delivery, now, events):
         """An overdue push to a stalled session: to another consumer, pushed once more, or wait.
 
         None of these counts as a failed delivery: the consumer never said it
-        could not take the message.  Returns 1 if it waits, else 0.
+        could not take the message.  Returns the message's delivery after
+        this: ``delivery`` itself if it waits, else the new hand-over.
         """
-        consumer = message.consumer
+        message = delivery.message
         other = next((c for c in message.queue.consumers
                       if c.session is not session and not c.session.stalled and c.has_room()
                       and message.id not in c.session.held), None)
-        if other is None and message.pushed_again:
-            message.deadline = now + self.redelivery_interval    # wait for it
-            return 1
+        if other is None and delivery.pushed_again:
+            delivery.deadline = now + self.redelivery_interval   # wait for it
+            return delivery
         del session.held[message.id]
-        self._release(message)
+        self._release(delivery)
         if other is not None:
             events.append((logging.INFO, "Message %s moved from stalled consumer %s to %s",
                            (message.id, session.name, other.session.name)))
-            self._hand_over(message, other.session, other)
-            return 0
-        message.pushed_again = True         # in case the push itself was lost (chaos)
-        first_handed_at = message.handed_at
-        self._hand_over(message, session, consumer)
-        message.handed_at = first_handed_at     # the consumer timeout runs from the first push
-        return 0
+            return self._hand_over(message, other.session, other)
+        again = self._hand_over(message, session, delivery.consumer)
+        again.pushed_again = True           # in case the push itself was lost (chaos)
+        again.handed_at = delivery.handed_at    # the consumer timeout runs from the first push
+        return again
 
     def _dispatch(self, queue):
         """Hand ready messages to consumers with room, round robin."""
@@ -870,14 +892,13 @@ class Broker:
             self._dispatch(consumer.queue)
 
     def _hand_over(self, message, session, consumer):
+        """Put a message (out of its queue's ready) in flight to ``session``; its Delivery."""
         message.deliveries += 1
-        message.consumer = consumer
-        message.handed_at = self.clock()
-        message.deadline = message.handed_at + self.redelivery_interval
         self._handovers += 1
-        message.seq = self._handovers
-        message.push_lost = False
-        session.held[message.id] = message
+        handed_at = self.clock()
+        delivery = Delivery(message, consumer, handed_at, handed_at + self.redelivery_interval,
+                            self._handovers)
+        session.held[message.id] = delivery
         message.queue.unacked += 1
         self.totals["delivered"] += 1
         if message.deliveries > 1:
@@ -887,6 +908,7 @@ class Broker:
             if not session.pushes:
                 self._new_pushes.append(session)
             session.pushes.append((message.id, _delivered_body(message), message.deliveries))
+        return delivery
 
     def _notify_writers(self):
         """Leave the pushes made by this call to their sessions' delivery threads."""
@@ -899,14 +921,13 @@ class Broker:
         sessions, self._new_pushes = self._new_pushes, []
         return [session.write_pushes for session in sessions]
 
-    def _release(self, message):
-        """Detach an in-flight message from its consumer (already out of its session's held)."""
-        message.queue.unacked -= 1
-        if message.consumer is not None:
-            message.consumer.in_flight -= 1
-        message.consumer = None
+    def _release(self, delivery):
+        """End a delivery (already out of its session's held): its consumer has room again."""
+        delivery.message.queue.unacked -= 1
+        if delivery.consumer is not None:
+            delivery.consumer.in_flight -= 1
 
-    def _requeue(self, messages, events, reason):
+    def _requeue(self, deliveries, events, reason):
         """Return in-flight messages to the front of their queues, oldest first.
 
         A message that has used up its deliveries goes to ``<queue>.dead``
@@ -914,14 +935,14 @@ class Broker:
         most two log events however many messages there are: one summary
         line per kind, naming the first message and the count.
         """
-        if not messages:
+        if not deliveries:
             return
         touched = []
         requeued, dead_lettered = [], []
-        for message in reversed(messages):
-            self._release(message)
+        for delivery in reversed(deliveries):
+            self._release(delivery)
+            message = delivery.message
             message.returns += 1
-            message.pushed_again = False
             queue = message.queue
             if message.returns >= self.max_deliveries and not queue.is_dead_letter_queue:
                 dead = self._dead_letter(message, "given back %d times" % message.returns)
