@@ -102,6 +102,13 @@ MUTANTS = [
              "        if message_id in self._live or message_id in self._acked_at:",
              "        if message_id in self._live:"),),
            ("tests/test_broker.py::test_duplicate_of_an_acked_message_within_window_is_not_requeued",)),
+    Mutant("acked-id-unbound-after-restart",
+           "an acked id stays bound to its envelope across a restart (its digest is journaled)",
+           (("ciphermq/broker.py",
+             "int(self.wall_clock() * 1000), digest))",
+             "int(self.wall_clock() * 1000), None))"),),
+           ("tests/test_reused_ids.py"
+            "::test_an_id_stays_bound_queued_in_flight_acked_and_across_restarts",)),
     Mutant("never-redeliver",
            "an unacked delivery is taken back after --redelivery-interval",
            (("ciphermq/broker.py",
