@@ -67,8 +67,8 @@ class Message:
     """One copy of a message in one queue.
 
     Only what a copy keeps while it waits in its queue: a broker with a long
-    backlog holds one of these per queued copy (80 bytes).  While it is in
-    flight, its hand-over is a :class:`Delivery`.
+    backlog holds one of these per queued copy (80 bytes on 64-bit CPython
+    3.11).  While it is in flight, its hand-over is a :class:`Delivery`.
     """
 
     __slots__ = ("id", "body", "queue", "deliveries", "returns", "reason")
