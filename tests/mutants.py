@@ -82,17 +82,17 @@ MUTANTS = [
     Mutant("foreign-ack-accepted",
            "only the connection a message was delivered to may ack it",
            (("ciphermq/broker.py",
-             "        message = session.held.pop(message_id, None)\n        if message is None:\n"
+             "        delivery = session.held.pop(message_id, None)\n        if delivery is None:\n"
              "            if message_id in self._acked_at:",
              "        holder = next((s for s in self._sessions if message_id in s.held), session)\n"
-             "        message = holder.held.pop(message_id, None)\n        if message is None:\n"
+             "        delivery = holder.held.pop(message_id, None)\n        if delivery is None:\n"
              "            if message_id in self._acked_at:"),),
            ("tests/test_server.py::test_foreign_ack_is_refused_and_changes_nothing",
             "tests/test_broker.py::test_ack_rules")),
     Mutant("stale-ack-accepted",
            "a late ack from a consumer whose delivery was taken back is refused",
            (("ciphermq/broker.py",
-             "                del session.held[message.id]    # pulled, lost, or skipped",
+             "                del session.held[delivery.message.id]   # pulled, lost, or skipped",
              "                pass  # pulled, lost, or skipped"),),
            ("tests/test_server.py"
             "::test_a_late_ack_from_a_consumer_that_lost_the_message_is_refused",)),
@@ -102,10 +102,17 @@ MUTANTS = [
              "        if message_id in self._live or message_id in self._acked_at:",
              "        if message_id in self._live:"),),
            ("tests/test_broker.py::test_duplicate_of_an_acked_message_within_window_is_not_requeued",)),
+    Mutant("acked-id-unbound-after-restart",
+           "an acked id stays bound to its envelope across a restart (its digest is journaled)",
+           (("ciphermq/broker.py",
+             "int(self.wall_clock() * 1000), digest))",
+             "int(self.wall_clock() * 1000), None))"),),
+           ("tests/test_reused_ids.py"
+            "::test_an_id_stays_bound_queued_in_flight_acked_and_across_restarts",)),
     Mutant("never-redeliver",
            "an unacked delivery is taken back after --redelivery-interval",
            (("ciphermq/broker.py",
-             "            if message.deadline > now:",
+             "            if delivery.deadline > now:",
              "            if True:"),),
            ("tests/test_broker.py::test_redeliver_reports_when_it_is_next_due",
             "tests/test_server.py::test_redelivery_after_the_interval")),

@@ -186,11 +186,14 @@ def test_compaction_shrinks_the_journal_and_loses_nothing(durable_server, tmp_pa
     server = durable_server(compact_min_bytes=20_000)
     publisher, consumer = Wire(server.address), Wire(server.address)
     path = tmp_path / "data" / "journal.log"
+    published_bytes = 0
     try:
         consumer.call("consume default_queue 0")
         for round_number in range(4):
-            publisher.send("".join(publish_line("c-%d-%d" % (round_number, i),
-                                                ciphertext="x" * 300) for i in range(50)))
+            lines = "".join(publish_line("c-%d-%d" % (round_number, i), ciphertext="x" * 300)
+                            for i in range(50))
+            published_bytes += len(lines)
+            publisher.send(lines)
             for _ in range(50):
                 assert publisher.text().startswith("ACK")
             ids = [parse_message(consumer.line())[0] for _ in range(50)]
@@ -199,7 +202,11 @@ def test_compaction_shrinks_the_journal_and_loses_nothing(durable_server, tmp_pa
                 assert consumer.text().startswith("ACK_CONFIRMED")
         for i in range(5):
             assert publisher.call(publish_line("keep-%d" % i).strip()) == "ACK keep-%d" % i
-        assert path.stat().st_size < 20_000, "compacted"
+        # Which ack asks for a compaction depends on how the writer batched the records, so
+        # the size left is not fixed; but one was asked for by the last ack at the latest,
+        # and is done before the next write (keep-0) is durable.
+        assert server.broker.journal.compactions >= 1
+        assert path.stat().st_size < published_bytes, "compacted: smaller than the publishes"
     finally:
         publisher.close()
         consumer.close()

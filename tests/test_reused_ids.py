@@ -1,5 +1,7 @@
 """Ids bind content (issue 10, item 3): a known message_id with other bytes is refused."""
-from conftest import envelope, publish_line
+import json
+
+from conftest import Wire, envelope, parse_message, publish_line
 from scripts import run_sender
 
 from ciphermq.outbox import Outbox, record
@@ -18,6 +20,54 @@ def test_a_reused_id_with_different_content_gets_an_error_on_the_wire(connect):
     assert client.call("ack reused-1") == "ACK_CONFIRMED reused-1"
     assert client.call(publish_line("reused-1", ciphertext="c2Vjb25k").strip()) == \
         "Error: message_id reused-1 already used for different content", "after the ack too"
+
+
+def _refused_unless_the_same_bytes(client, message_ids):
+    """Each id: its first envelope is re-ACKed, another one is refused."""
+    for message_id in message_ids:
+        assert client.call(publish_line(message_id, ciphertext="c2Vjb25k").strip()) == \
+            "Error: message_id %s already used for different content" % message_id
+        assert client.call(publish_line(message_id, ciphertext="Zmlyc3Q=").strip()) == \
+            "ACK " + message_id
+
+
+def test_an_id_stays_bound_queued_in_flight_acked_and_across_restarts(start_server, tmp_path):
+    """An id stays bound to its envelope while queued, in flight and acked, and after a restart
+    and a compaction of the journal (live ids by their stored bytes, acked ids by a digest)."""
+    data_dir = str(tmp_path / "data")
+    ids = ("bound-acked", "bound-in-flight", "bound-queued")
+    first = start_server(data_dir=data_dir, redelivery_interval=30.0)
+    client = Wire(first.address)
+    try:
+        for message_id in ids:
+            assert client.call(publish_line(message_id, ciphertext="Zmlyc3Q=").strip()) == \
+                "ACK " + message_id
+        assert parse_message(client.call("fetch default_queue"))[0] == "bound-acked"
+        assert client.call("ack bound-acked") == "ACK_CONFIRMED bound-acked"
+        assert parse_message(client.call("fetch default_queue"))[0] == "bound-in-flight"
+        _refused_unless_the_same_bytes(client, ids)
+    finally:
+        client.close()
+    first.stop()
+    ready = 2                           # bound-in-flight is ready again after a restart
+    for compact in (True, False):       # restart, compact, restart again
+        server = start_server(data_dir=data_dir, redelivery_interval=30.0)
+        client = Wire(server.address)
+        try:
+            _refused_unless_the_same_bytes(client, ids)
+            stats = json.loads(client.call("stats"))
+            assert stats["queues"]["default_queue"]["ready"] == ready, "nothing refused stored"
+            assert stats["totals"]["published"] == 0
+            if compact:
+                ready += 1
+                server.broker.journal.request_compaction()
+                # The compaction is done before the next record is durable.
+                assert client.call(publish_line("after-compaction").strip()) == \
+                    "ACK after-compaction"
+                assert server.broker.journal.compactions == 1
+        finally:
+            client.close()
+        server.stop()
 
 
 def test_the_sender_reports_a_reused_id_as_refused_once(server, connect, keys, tmp_path):
