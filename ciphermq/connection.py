@@ -264,7 +264,8 @@ class Connection(socketserver.BaseRequestHandler):
     def _add_to_group(self, kind, item):
         """Queue a parsed publish or ack; its reply slot is filled by _run_group."""
         if self._group_kind != kind:
-            self._run_group()
+            if self._group:
+                self._run_group()
             self._group_kind = kind
         self._group.append((item, len(self._replies)))
         self._replies.append(b"")
