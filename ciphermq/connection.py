@@ -36,9 +36,10 @@ The reader also enforces the connection's deadlines: authenticate within
 and at every read tick (a read that waits at most ``read_tick`` seconds), so
 however a client paces its bytes it is dropped within its deadline plus one
 tick.  A reader with no deadline pending -- authenticated, between lines, no
-``idle_timeout`` -- has nothing to check: once a tick passes in silence it
-waits ``idle_read_tick`` instead, so a thousand idle connections do not wake
-a thousand threads a second; the first bytes that start a line bring the
+``idle_timeout`` -- has nothing to check: after every read the reader picks
+its next wait, ``idle_read_tick`` when nothing is pending, so a thousand idle
+connections do not wake a thousand threads a second (nor all at once, one
+tick after they last spoke); the first bytes that start a line bring the
 short tick back before the next read.
 """
 import logging
@@ -115,8 +116,8 @@ class Connection(socketserver.BaseRequestHandler):
             try:
                 for line in framer.feed(data):
                     self._execute(line)
-                if self._long_tick and framer.in_line:
-                    self._set_read_tick(long_tick=False)    # the line deadline is pending
+                if self._long_tick == self._deadline_pending(framer):
+                    self._set_read_tick(long_tick=not self._long_tick)   # before replying
                 if self._group:
                     self._run_group()
                 if self._replies and not self._answer():
