@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 MAX_LINE_BYTES = 64 * 1024 * 1024
 #: ``Reply.expect`` for a fetch: a ``Message:`` line or ``No messages``.
 FETCH = object()
+#: What a TLS broker says to a plaintext client, as the reader sees the line.
+_PLAINTEXT_REFUSAL = PLAINTEXT_ON_TLS_PORT.rstrip(b"\n")
 
 
 class Delivery(NamedTuple):
@@ -422,7 +424,7 @@ class Client:
     def _dispatch(self, line):
         if isinstance(line, protocol.LineTooLong):
             raise ConnectionLost("the broker sent a line over %d bytes" % line.limit)
-        if line == PLAINTEXT_ON_TLS_PORT.rstrip(b"\n"):    # not an answer: the whole connection
+        if line == _PLAINTEXT_REFUSAL:      # not an answer: about the whole connection
             raise ConnectionLost(line[len(b"Error: "):].decode("ascii"))
         with self._mutex:
             head = self._pending[0] if self._pending else None

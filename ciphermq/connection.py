@@ -37,10 +37,12 @@ and at every read tick (a read that waits at most ``read_tick`` seconds), so
 however a client paces its bytes it is dropped within its deadline plus one
 tick.  Between two commands of one read, a reader whose turn is over while
 another connection's reader is busy steps aside for it (``--fair-turn``, see
-:mod:`ciphermq.turns`).  A reader with no deadline pending -- authenticated, between lines, no
-``idle_timeout`` -- has nothing to check: once a tick passes in silence it
-waits ``idle_read_tick`` instead, so a thousand idle connections do not wake
-a thousand threads a second; the first bytes that start a line bring the
+:mod:`ciphermq.turns`).  A reader with no deadline pending -- authenticated,
+between lines, no ``idle_timeout`` -- has nothing to check: after every read
+the reader picks its next wait, ``idle_read_tick`` when nothing is pending, so
+a thousand idle connections do not wake a thousand threads a second (nor all
+at once, one tick after they last spoke); the first bytes that start a line
+bring the
 short tick back before the next read.
 """
 import logging
@@ -121,8 +123,8 @@ class Connection(socketserver.BaseRequestHandler):
                     self._execute(line)
                     if turn.due():      # a neighbour is busy and this turn is over
                         self._step_aside(turn)
-                if self._long_tick and framer.in_line:
-                    self._set_read_tick(long_tick=False)    # the line deadline is pending
+                if self._long_tick == self._deadline_pending(framer):
+                    self._set_read_tick(long_tick=not self._long_tick)   # before replying
                 if self._group:
                     self._run_group()
                 if self._replies and not self._answer():
@@ -277,7 +279,8 @@ class Connection(socketserver.BaseRequestHandler):
     def _add_to_group(self, kind, item):
         """Queue a parsed publish or ack; its reply slot is filled by _run_group."""
         if self._group_kind != kind:
-            self._run_group()
+            if self._group:
+                self._run_group()
             self._group_kind = kind
         self._group.append((item, len(self._replies)))
         self._replies.append(b"")

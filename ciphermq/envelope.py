@@ -12,6 +12,7 @@ Pure functions, no sockets, no threads.  :mod:`ciphermq.protocol` calls
 import collections
 import json
 import math
+import operator
 import re
 
 from .errors import ProtocolError
@@ -19,11 +20,14 @@ from .errors import ProtocolError
 #: Message ids -- and, in :mod:`ciphermq.protocol`, queue and exchange names --
 #: are echoed into replies and log lines, so nothing but these characters may pass.
 NAME_PATTERN = rb"[A-Za-z0-9._:-]{1,128}"
-_MESSAGE_ID = re.compile(NAME_PATTERN)
+#: The same rule for the decoded id (str), so checking it needs no encoding.
+_MESSAGE_ID = re.compile(NAME_PATTERN.decode("ascii"))
 
 #: The fields every envelope must carry, all strings (see docs/PROTOCOL.md).
 ENVELOPE_FIELDS = ("message_id", "enc_session_key", "nonce", "tag", "ciphertext")
 _REQUIRED = frozenset(ENVELOPE_FIELDS)
+_REQUIRED_VALUES = operator.itemgetter(*ENVELOPE_FIELDS)
+_ONLY_STR = {str}
 #: Added by the broker to every pushed copy; never accepted from a publisher.
 DELIVERY_COUNT = "delivery_count"
 
@@ -59,6 +63,9 @@ def _finite_float(text):
 
 _ENVELOPE_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_no_constants,
                                      parse_int=_bounded_int, parse_float=_finite_float)
+#: The decoder's scanner called directly: text that starts with "{" and ends
+#: with "}" has no whitespace around the value for ``decode`` to skip.
+_SCAN_ONCE = _ENVELOPE_DECODER.scan_once
 #: Everything base64 text may hold ("=" only as padding, checked separately).
 _BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 _BASE64_VALUE = {char: value for value, char in enumerate(_BASE64_ALPHABET[:64].decode())}
@@ -82,7 +89,13 @@ def parse_envelope(raw, limits=None):
     if not (raw.startswith(b"{") and raw.endswith(b"}")):
         raise ProtocolError("envelope must be a JSON object")
     try:
-        envelope = _ENVELOPE_DECODER.decode(raw.decode("utf-8"))
+        json_text = raw.decode("utf-8")
+        try:
+            envelope, end = _SCAN_ONCE(json_text, 0)
+        except StopIteration:
+            end = None
+        if end != len(json_text):   # not one whole object: decode() raises its error
+            envelope = _ENVELOPE_DECODER.decode(json_text)
     except UnicodeDecodeError:
         raise ProtocolError("invalid UTF-8 in envelope") from None
     except RecursionError:
@@ -94,18 +107,22 @@ def parse_envelope(raw, limits=None):
         raise ProtocolError("invalid JSON: %s" % exc) from None
     if not isinstance(envelope, dict):
         raise ProtocolError("envelope must be a JSON object")
-    values = [envelope.get(field) for field in ENVELOPE_FIELDS]
-    if not all(type(value) is str for value in values):
+    try:
+        values = _REQUIRED_VALUES(envelope)
+    except KeyError:
+        values = [envelope.get(field) for field in ENVELOPE_FIELDS]     # None where missing
+    if set(map(type, values)) != _ONLY_STR:
         _refuse_required_fields(values)
     message_id = values[0]
-    if not _MESSAGE_ID.fullmatch(message_id.encode("utf-8", "replace")):
+    if not _MESSAGE_ID.fullmatch(message_id):
         raise ProtocolError("invalid message_id (1-128 of A-Z a-z 0-9 . _ : -)")
     crypto_text = values[1:]
     # One pass over all four fields for the alphabet, then padding only at their ends.
     if "".join(crypto_text).encode("utf-8", "replace").translate(None, _BASE64_ALPHABET):
         _refuse_base64(crypto_text)
     for text in crypto_text:
-        if "=" in text.rstrip("=") or text.endswith("===") or not canonical_padding(text):
+        padding = text.find("=")    # "=" only as the last one or two characters
+        if padding >= 0 and (text[padding:] not in ("=", "==") or not canonical_padding(text)):
             _refuse_base64(crypto_text)
     if len(envelope) > len(ENVELOPE_FIELDS):
         _check_extra_fields(envelope, limits or DEFAULT_ENVELOPE_LIMITS)
@@ -156,8 +173,9 @@ def _check_extra_fields(envelope, limits):
         raise ProtocolError("too many fields (at most %d extra)" % limits.max_extra_fields)
     _check_text("".join(envelope))         # every key at once
     for key, value in envelope.items():
-        if key not in _REQUIRED:
-            _check_value(value, 1, limits.max_json_depth)
+        if key in _REQUIRED or type(value) is int or type(value) is str and value.isascii():
+            continue                # nothing to bound in an integer or an ASCII string
+        _check_value(value, 1, limits.max_json_depth)
 
 
 def _check_value(value, depth, max_depth):

@@ -114,6 +114,13 @@ def test_publisher_cannot_set_delivery_count():
      b'"ciphertext": "c"}',
      "invalid UTF-8"),
     (b'{"a": ' * 100_000 + b'1' + b'}' * 100_000, "invalid JSON"),
+    (b'{"message_id": "m"} {"nonce": "n"}', "invalid JSON: Extra data at position 20"),
+    (b'{"message_id": "m\\u00e9", "enc_session_key": "k", "nonce": "n", "tag": "t", '
+     b'"ciphertext": "c"}', "invalid message_id"),
+    (b'{"message_id": "m", "enc_session_key": "k", "nonce": "n", "tag": "t", "ciphertext": "c", '
+     b'"note": "\\ud800"}', "lone surrogate"),
+    (b'{"message_id": "m", "enc_session_key": "k", "nonce": "n", "tag": "t", "ciphertext": "c", '
+     b'"n": 1, "b": true, "x": [[[[[[[[1]]]]]]]]}', "nested deeper than 8 levels"),
 ])
 def test_bad_envelopes_are_refused_with_a_reason(raw, message):
     """Each malformed envelope gets a ProtocolError that says what is wrong."""
