@@ -8,6 +8,7 @@ The protocol is UTF-8 text, one command per line.  A line ends in ``\\n``
 (``\\r\\n`` is accepted).  Framing is by newline only: one ``recv`` may hold
 many commands, and one command may arrive in many ``recv`` calls.
 """
+import functools
 import json
 import re
 
@@ -190,10 +191,23 @@ def parse_publish(args, limits=None):
     parts = args.split(None, 2)
     if len(parts) < 3:
         raise ProtocolError("usage: publish <exchange> <routing_key> <json>")
-    exchange = parse_name(parts[0], "exchange")
-    routing_key = parse_routing_key(parts[1])
+    exchange, routing_key = _publish_address(parts[0], parts[1])
     message_id, body = parse_envelope(parts[2].rstrip(), limits)
     return exchange, routing_key, message_id, body
+
+
+@functools.lru_cache(maxsize=256)
+def _publish_address(raw_exchange, raw_key):
+    """parse_name and parse_routing_key of a publish's exchange and key, remembered.
+
+    Nearly every publish names an exchange and key seen before, so the two
+    regular-expression checks and decodes (about 1.4 us of the ~30 us a
+    message costs the broker) become one dictionary lookup.  Only valid
+    pairs are remembered (a ProtocolError is not cached, so a bad name is
+    checked -- and refused -- every time), and at most 256 of them: a client
+    cycling through names costs a bounded cache, never broker memory.
+    """
+    return parse_name(raw_exchange, "exchange"), parse_routing_key(raw_key)
 
 
 #: The longest reason a ``reject`` may give (printable ASCII; longer is cut).
