@@ -90,8 +90,11 @@ class LineFramer:
                 first = bytes(self._partial)
             lines.append(self._checked(first))
         self._partial = bytearray()
-        for line in pieces[1:-1]:
-            lines.append(self._checked(line))
+        whole = pieces[1:-1]
+        if whole and (b"\r" in data or max(map(len, whole)) > self.max_line_bytes):
+            lines.extend([self._checked(line) for line in whole])
+        else:
+            lines.extend(whole)         # nothing to strip or refuse: no call per line
         self._add_partial(pieces[-1])
         lines.extend(self._take_overflow())
         return lines

@@ -56,6 +56,16 @@ def test_over_long_line_in_one_chunk_is_reported():
     assert isinstance(out[1], protocol.LineTooLong)
 
 
+def test_whole_lines_before_an_unfinished_one_are_checked_too():
+    """A chunk ending mid-line: its whole lines lose their \\r, an over-long one is refused."""
+    framer = protocol.LineFramer(max_line_bytes=4)
+    assert framer.feed(b"ping\nping\npi") == [b"ping", b"ping"]
+    out = framer.feed(b"ng\n123456789\nstat\r\nping\npi")
+    assert out[0] == b"ping" and out[2] == b"stat" and out[3] == b"ping" and len(out) == 4
+    assert isinstance(out[1], protocol.LineTooLong)
+    assert framer.feed(b"ng\n") == [b"ping"]
+
+
 def test_memory_stays_bounded_while_discarding():
     """While an endless line streams in, the framer holds no more than the limit."""
     framer = protocol.LineFramer(max_line_bytes=1000)
