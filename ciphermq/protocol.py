@@ -204,11 +204,11 @@ def _publish_address(raw_exchange, raw_key):
     """parse_name and parse_routing_key of a publish's exchange and key, remembered.
 
     Nearly every publish names an exchange and key seen before, so the two
-    regular-expression checks and decodes (about 1.4 us of the ~30 us a
-    message costs the broker) become one dictionary lookup.  Only valid
-    pairs are remembered (a ProtocolError is not cached, so a bad name is
-    checked -- and refused -- every time), and at most 256 of them: a client
-    cycling through names costs a bounded cache, never broker memory.
+    regular-expression checks and decodes (0.59 us per publish by timeit)
+    become one cache lookup (0.09 us).  Only valid pairs are remembered (a
+    ProtocolError is not cached, so a bad name is checked -- and refused --
+    every time), and at most 256 of them: a client cycling through names
+    costs at most 256 small entries, whatever it sends.
     """
     return parse_name(raw_exchange, "exchange"), parse_routing_key(raw_key)
 

@@ -56,6 +56,19 @@ def test_over_long_line_in_one_chunk_is_reported():
     assert isinstance(out[1], protocol.LineTooLong)
 
 
+def test_publish_names_are_checked_every_time_and_remembered_within_a_bound():
+    """The cache of checked (exchange, key) pairs never passes a bad name and stays bounded."""
+    body = b'{"message_id": "m1"}'
+    for number in range(1000):
+        protocol._publish_address(b"ex%d" % number, b"key")
+    assert protocol._publish_address.cache_info().currsize <= 256
+    for _ in range(2):      # refused again, not remembered
+        with pytest.raises(ProtocolError, match="invalid exchange name"):
+            protocol.parse_publish(b"bad/name key " + body)
+        with pytest.raises(ProtocolError, match="invalid routing key"):
+            protocol.parse_publish(b"ex1 bad/key " + body)
+
+
 def test_whole_lines_before_an_unfinished_one_are_checked_too():
     """A chunk ending mid-line: its whole lines lose their \\r, an over-long one is refused."""
     framer = protocol.LineFramer(max_line_bytes=4)
