@@ -297,26 +297,27 @@ class Broker:
         waking another thread per message.
         """
         results = []
-        touched = []                # queues with consumers that got messages: dispatched once
+        pending = []                # the queue whose dispatch is put off (see _publish)
         with self.mutex:
             for publish in publishes:
                 try:
-                    results.append(self._publish(*publish, touched))
+                    results.append(self._publish(*publish, pending))
                 except BrokerError as exc:
                     results.append(exc)
-            for queue in touched:
-                self._dispatch(queue)
+            if pending:
+                self._dispatch(pending[0])
             return results, self._take_writers()
 
-    def _publish(self, exchange_name, routing_key, message_id, body, touched=None):
+    def _publish(self, exchange_name, routing_key, message_id, body, pending=None):
         """publish() with the mutex held.
 
-        With ``touched`` (a list), a queue with consumers is added to it
-        instead of being dispatched at once: publish_many dispatches each such
-        queue once, after the batch.  Nothing outside the mutex can tell the
-        difference (the batch is one lock hold; hand-overs keep queue order,
-        and a message moving from ready to unacked leaves the queue length
-        the same), and a batch of N costs one dispatch pass instead of N.
+        With ``pending`` (a list of at most one queue, from publish_many), a
+        run of publishes to the same queue is dispatched once, when the run
+        ends: a queue with consumers becomes ``pending`` instead of being
+        dispatched, and the queue it replaces is dispatched then.  That
+        makes the same hand-overs, in the same order, as a dispatch after
+        every publish: between two publishes of a run only that queue's
+        ready list grew (test_a_batch_is_delivered_and_acked_exactly_as_one_at_a_time).
         """
         if message_id in self._live or message_id in self._acked_at:
             if not self._bound_to_same(message_id, body):
@@ -348,10 +349,13 @@ class Broker:
         for queue in queues:
             queue.ready.append(Message(message_id, body, queue))
             if queue.consumers:
-                if touched is None:
+                if pending is None:
                     self._dispatch(queue)
-                elif queue not in touched:
-                    touched.append(queue)
+                elif not pending:
+                    pending.append(queue)
+                elif pending[0] is not queue:
+                    self._dispatch(pending[0])
+                    pending[0] = queue
         return True
 
     # -- consuming ----------------------------------------------------------
@@ -473,28 +477,18 @@ class Broker:
         result is True, False or the BrokerError, as acknowledge() would give.
         """
         results = []
-        touched = []                # queues that got room: dispatched once, after the batch
         with self.mutex:
             self._heard(session)
-            was_full = len(session.held) >= self.max_unacked
             for message_id in message_ids:
                 try:
-                    results.append(self._acknowledge(session, message_id, touched))
+                    results.append(self._acknowledge(session, message_id))
                 except BrokerError as exc:
                     results.append(exc)
-            if touched:
-                self._after_acks(session, touched, was_full)
             return results, self._take_writers()
 
-    def _acknowledge(self, session, message_id, touched=None):
-        """acknowledge() with the mutex held.
-
-        With ``touched`` (a list), the acked copy's queue is added to it and
-        nothing is dispatched: acknowledge_many calls _after_acks once for the
-        batch (the same hand-overs as after each ack: nothing outside the
-        mutex sees the state in between).
-        """
-        was_full = touched is None and len(session.held) >= self.max_unacked
+    def _acknowledge(self, session, message_id):
+        """acknowledge() with the mutex held."""
+        was_full = len(session.held) >= self.max_unacked
         delivery = session.held.pop(message_id, None)
         if delivery is None:
             if message_id in self._acked_at:
@@ -506,21 +500,12 @@ class Broker:
         message = delivery.message
         self._forget_copy(message)
         self.totals["acked"] += 1
-        if touched is None:
-            self._after_acks(session, [message.queue], was_full)
-        elif message.queue not in touched:
-            touched.append(message.queue)
-        return True
-
-    def _after_acks(self, session, queues, was_full):
-        """After acks: serve the queues that got room (and all the session's, if it was full
-        at ``--max-unacked``); ask for a compaction if the journal is now mostly dead."""
-        for queue in queues:
-            self._dispatch(queue)
+        self._dispatch(message.queue)
         if was_full:
             self._dispatch_consumers_of(session)
         if self.journal is not None and self.journal.wants_compaction(self._live_bytes):
             self.journal.request_compaction()
+        return True
 
     def nack(self, session, message_id):
         """Give a message back now, for redelivery (or the dead-letter queue)."""

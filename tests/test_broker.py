@@ -301,3 +301,38 @@ def test_pulled_and_pushed_messages_go_through_the_document_names(broker, clock)
     clock.advance(31)
     broker.retry_unacknowledged()
     assert pushed(broker, pusher) == ["p1"]         # taken back from the puller, pushed again
+
+
+def test_a_batch_is_delivered_and_acked_exactly_as_one_at_a_time(clock):
+    """Batches (publish_many, acknowledge_many) hand over exactly what single calls would."""
+    def run(batched):
+        broker = Broker(max_unacked=4, clock=clock)
+        broker.declare_defaults()
+        broker.declare_queue("other")
+        broker.bind_queue("default_exchange", "other", "other_key")
+        first, second = broker.open_session("first"), broker.open_session("second")
+        broker.register_consumer(first, "default_queue", 3)
+        broker.register_consumer(second, "default_queue", 2)
+        broker.register_consumer(first, "other", 0)
+        publishes = [("default_exchange", "other_key" if n % 3 == 0 else "default_key",
+                      "m%d" % n, b'{"message_id": "m%d"}' % n) for n in range(12)]
+        if batched:
+            results, _ = broker.publish_many(publishes)
+        else:
+            results = [broker.publish(*item) for item in publishes]
+        seen = [results, pushed(broker, first), pushed(broker, second)]
+        acks = seen[1][:3] + ["m99"]            # the last is refused: never delivered
+        if batched:
+            results, _ = broker.acknowledge_many(first, acks)
+        else:
+            results = []
+            for message_id in acks:
+                try:
+                    results.append(broker.acknowledge(first, message_id))
+                except BrokerError as exc:
+                    results.append(exc)
+        seen += [[str(r) for r in results], pushed(broker, first), pushed(broker, second),
+                 broker.stats()["queues"]]
+        return seen
+
+    assert run(batched=True) == run(batched=False)
