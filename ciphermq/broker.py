@@ -42,7 +42,6 @@ until it is on disk.  In-flight state is not journaled: after a restart,
 whatever was in flight is simply ready again.
 """
 import collections
-import hashlib
 import itertools
 import json
 import logging
@@ -217,7 +216,7 @@ class Broker:
         self._fanout = {}           # id in _live -> copies not yet acked, only if more than 1
         self._acked_at = {}         # message id -> clock() of its first ack
         self._acked_order = collections.deque()   # ids in _acked_at, oldest first
-        self._acked_digests = {}    # id in _acked_at -> envelope_digest(body)
+        self._acked_digests = {}    # id in _acked_at -> recovery.envelope_digest(body)
         self._handovers = 0         # deliveries made so far: each one's Message.seq
         self._live_bytes = 0        # envelope bytes of live messages (compaction rule)
         self._new_pushes = []       # sessions whose pushes stopped being empty in this call
@@ -1009,7 +1008,7 @@ class Broker:
         if live_body is not None:
             return live_body == body
         digest = self._acked_digests.get(message_id)
-        return digest is None or digest == envelope_digest(body)
+        return digest is None or digest == recovery.envelope_digest(body)
 
     def _forget_copy(self, message, journal=True):
         """One copy acked (or purged).  The first puts the id in the dedup window, bound to
@@ -1021,7 +1020,7 @@ class Broker:
             # Hashed under the mutex, once per id: about 1 us for a 537-byte envelope,
             # 6 ms at the 4 MiB line limit.  (Hashing at publish, outside the lock, would
             # mean keeping the digest beside the envelope all the time it is queued.)
-            digest = envelope_digest(message.body)
+            digest = recovery.envelope_digest(message.body)
             self._acked_at[message_id] = self.clock()
             self._acked_digests[message_id] = digest
             self._acked_order.append(message_id)
@@ -1048,11 +1047,6 @@ class Broker:
         """An id leaves the dedup window, with its digest."""
         del self._acked_at[message_id]
         self._acked_digests.pop(message_id, None)
-
-
-def envelope_digest(body):
-    """What an acked id stays bound to: 16 bytes of BLAKE2b over the envelope bytes."""
-    return hashlib.blake2b(body, digest_size=16).digest()
 
 
 def _delivered_body(message):

@@ -6,6 +6,7 @@ the bytes say.  ``fold(payloads)`` replays a journal into a plain
 into live queues; ``snapshot_records`` writes a state back out as the
 shortest journal that says the same thing (compaction).
 """
+import hashlib
 import logging
 
 log = logging.getLogger(__name__)
@@ -13,6 +14,12 @@ log = logging.getLogger(__name__)
 #: The queue field of an ack record that only keeps an id in the dedup window
 #: (``*`` can never be a queue name).
 DEDUP_ONLY = "*"
+
+
+def envelope_digest(body):
+    """What an acked (or purged) id stays bound to: 16 bytes of BLAKE2b over the envelope
+    bytes, carried by its ack record."""
+    return hashlib.blake2b(body, digest_size=16).digest()
 
 
 def queue_record(name):
@@ -138,7 +145,11 @@ def _fold_dead_letter(state, rest):
 def _fold_purge(state, rest):
     queue, ids, wall_ms = rest.decode("ascii").split(" ")
     for message_id in ids.split(","):
-        _fold_ack(state, ("%s %s %s" % (message_id, queue, wall_ms)).encode("ascii"))
+        # The record names ids only; the bytes of their publish records bind them, as the
+        # broker's purge did (a purged id leaves bound to a digest like an acked one).
+        entry = state.live.get(message_id)
+        digest = "" if entry is None else " " + envelope_digest(entry[0]).hex()
+        _fold_ack(state, ("%s %s %s%s" % (message_id, queue, wall_ms, digest)).encode("ascii"))
 
 
 def _fold_requeue(state, rest):

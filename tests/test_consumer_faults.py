@@ -10,8 +10,9 @@ import pytest
 from conftest import FakeClock
 
 from ciphermq import recovery
-from ciphermq.broker import Broker, envelope_digest
+from ciphermq.broker import Broker
 from ciphermq.errors import BrokerError
+from ciphermq.recovery import envelope_digest
 
 
 @pytest.fixture
