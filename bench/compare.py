@@ -47,6 +47,7 @@ import time
 import comparison
 from ciphermq_broker import REPO, UnknownBrokerOption, broker_source, source_environment
 from machine import load_average
+from run import Results
 from scenarios import SCENARIOS, sizes_for
 from table import number
 
@@ -109,36 +110,6 @@ def broker_options(tree):
                                                                  "--help")))
 
 
-class Runs:
-    """Every run's figures and every failure, per (scenario number, side)."""
-
-    def __init__(self):
-        self.figures = {}       # (number, side) -> [figures dict, ...]
-        self.errors = {}        # (number, side) -> [message, ...]
-
-    def record(self, number, side, function, sizes):
-        """Run ``function(sizes)`` once and keep its figures, or its error.  A broker option
-        the tree lacks (UnknownBrokerOption) is not a failed run: it stops the comparison."""
-        started = time.monotonic()
-        try:
-            figures = function(sizes)
-        except UnknownBrokerOption:
-            raise
-        except Exception as exc:  # noqa: BLE001  (one failed run is reported; the others go on)
-            message = f"{type(exc).__name__}: {exc}"
-            self.errors.setdefault((number, side), []).append(message)
-            _say(f"  {side} FAILED after {time.monotonic() - started:.1f} s: "
-                 f"{message.splitlines()[0]}")
-            return
-        self.figures.setdefault((number, side), []).append(figures)
-        shown = ", ".join(f"{name}={value}" for name, value in figures.items()
-                          if name.endswith(("_per_s", "_ms", "_mb")))
-        _say(f"  {side} {shown}  ({time.monotonic() - started:.1f} s)")
-
-    def values(self, number, side, figure):
-        return [run[figure] for run in self.figures.get((number, side), []) if figure in run]
-
-
 def run_rounds(scenarios, sizes, rounds, trees, runs):
     """``rounds`` rounds of every scenario on both sides, in comparison.abba_order.
     ``trees``: side -> (source tree, its broker's option names)."""
@@ -149,7 +120,7 @@ def run_rounds(scenarios, sizes, rounds, trees, runs):
             for side in order:
                 tree, options = trees[side]
                 with broker_source(tree, options):
-                    runs.record(scenario.number, side, scenario.ours, sizes)
+                    runs.record(scenario.number, side, scenario.ours, (sizes,))
 
 
 def verdicts(scenarios, runs):
@@ -264,7 +235,7 @@ def main(argv=None):
     started_at = datetime.datetime.now().astimezone()
     started = time.monotonic()
     load_start = load_average()
-    runs = Runs()
+    runs = Results(fatal=UnknownBrokerOption)   # an option the base lacks stops it all
     try:
         try:
             base = _git("rev-parse", "--verify", "--quiet", f"{args.base}^{{commit}}")
@@ -311,8 +282,7 @@ def main(argv=None):
     raw_path = os.path.join(RESULTS_DIR, f"compare-{started_at:%Y%m%d-%H%M%S}.json")
     with open(raw_path, "w") as raw:
         json.dump({"context": {**context, "sizes": sizes},
-                   "runs": {f"{n}/{side}": r for (n, side), r in runs.figures.items()},
-                   "errors": {f"{n}/{side}": e for (n, side), e in runs.errors.items()}},
+                   **runs.as_json()},
                   raw, indent=1)
     _say(f"raw runs: {raw_path}")
     if args.out:

@@ -62,16 +62,19 @@ SIDES = ["ours"] + [peer.side for peer in PEERS]
 class Results:
     """Every run's figures and every failure, per scenario number and side."""
 
-    def __init__(self):
+    def __init__(self, fatal=()):
         self.runs = {}          # (number, side) -> [figures dict, ...]
         self.errors = {}        # (number, side) -> [message, ...]
         self.skipped = {}       # number -> reason
+        self.fatal = fatal      # exception types that are not a failed run: they stop it all
 
     def record(self, number, side, function, args):
         """Run ``function(*args)`` once; keep its figures, or its error, and say which."""
         started = time.monotonic()
         try:
             figures = function(*args)
+        except self.fatal:
+            raise
         except Exception as exc:  # noqa: BLE001  (one failed run is reported; the others go on)
             message = f"{type(exc).__name__}: {exc}"
             self.errors.setdefault((number, side), []).append(message)
