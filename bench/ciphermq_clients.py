@@ -19,7 +19,7 @@ import socket
 import time
 
 import envelopes
-from processes import CLIENT_TIMEOUT, wait_until
+from processes import CLIENT_TIMEOUT, ready_then_go, wait_until
 
 STALL_TIMEOUT = 20.0        # seconds without a byte from the broker: the run is stuck
 PUBLISH = b"publish default_exchange default_key "
@@ -68,11 +68,6 @@ def _expect(line, prefix, what):
         raise RuntimeError(f"{what}: expected {prefix!r}, got {line[:200]!r}")
 
 
-def _wait_go(go):
-    if not go.wait(CLIENT_TIMEOUT):
-        raise RuntimeError("never told to go")
-
-
 def publish_pipelined(address, token, first_seq, count, window, ready, go):
     """Publish ``count`` envelopes keeping up to ``window`` unanswered (1: wait for each ACK).
 
@@ -80,8 +75,7 @@ def publish_pipelined(address, token, first_seq, count, window, ready, go):
     """
     lines = [PUBLISH + body + b"\n" for body in envelopes.envelopes(token, first_seq, count)]
     wire = Wire(address)
-    ready.put("publisher")
-    _wait_go(go)
+    ready_then_go(ready, go, "publisher")
     sent = acked = 0
     started = time.monotonic()
     while acked < count:
@@ -137,8 +131,7 @@ def publish_paced(address, token, count, rate, ready, go):
     written, so latency measures the broker path, not publisher-side stalls.
     """
     wire = Wire(address)
-    ready.put("publisher")
-    _wait_go(go)
+    ready_then_go(ready, go, "publisher")
     start = time.monotonic()
     for seq in range(count):
         wait_until(start + seq / rate)

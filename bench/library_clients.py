@@ -20,7 +20,7 @@ import queue
 import time
 
 import envelopes
-from processes import CLIENT_TIMEOUT
+from processes import CLIENT_TIMEOUT, ready_then_go
 
 from ciphermq import client
 
@@ -37,9 +37,7 @@ def publish(address, token, first_seq, count, window, ready, go):
     bodies = envelopes.envelopes(token, first_seq, count)
     with _connect(address) as conn:
         conn.ping()
-        ready.put("publisher")
-        if not go.wait(CLIENT_TIMEOUT):
-            raise RuntimeError("never told to go")
+        ready_then_go(ready, go, "publisher")
         first_publish_at = time.monotonic()
         if window == 1:
             for body in bodies:

@@ -42,6 +42,13 @@ def wait_until(deadline):
         pause.wait(remaining)
 
 
+def ready_then_go(ready, go, role):
+    """A client process says it is ready (as ``role``) and waits for the start signal."""
+    ready.put(role)
+    if not go.wait(CLIENT_TIMEOUT):
+        raise RuntimeError("never told to go")
+
+
 def split(total, parts):
     """Split ``total`` into ``parts`` near-equal counts."""
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]

@@ -21,7 +21,7 @@ import time
 
 import envelopes
 import pika
-from processes import CLIENT_TIMEOUT, wait_until
+from processes import CLIENT_TIMEOUT, ready_then_go, wait_until
 
 logging.getLogger("pika").setLevel(logging.CRITICAL)    # start-up polling logs refusals
 
@@ -217,9 +217,7 @@ def publish_paced(info, queue_name, token, count, rate, ready, go):
     conn = pika.BlockingConnection(params(info))
     channel = conn.channel()
     channel.confirm_delivery()
-    ready.put("publisher")
-    if not go.wait(CLIENT_TIMEOUT):
-        raise RuntimeError("never told to go")
+    ready_then_go(ready, go, "publisher")
     start = time.monotonic()
     for seq in range(count):
         wait_until(start + seq / rate)

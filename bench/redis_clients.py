@@ -21,7 +21,7 @@ import time
 
 import envelopes
 import redis
-from processes import CLIENT_TIMEOUT, wait_until
+from processes import CLIENT_TIMEOUT, ready_then_go, wait_until
 
 GROUP = "bench"
 FIELD = b"e"
@@ -89,9 +89,7 @@ def publish_pipelined(info, stream, token, first_seq, count, window, ready, go):
     bodies = envelopes.envelopes(token, first_seq, count)
     client = connection(info)
     client.ping()
-    ready.put("publisher")
-    if not go.wait(CLIENT_TIMEOUT):
-        raise RuntimeError("never told to go")
+    ready_then_go(ready, go, "publisher")
     first_publish_at = time.monotonic()
     if window == 1:
         for body in bodies:
@@ -115,9 +113,7 @@ def publish_paced(info, stream, token, count, rate, ready, go):
     """
     client = connection(info)
     client.ping()
-    ready.put("publisher")
-    if not go.wait(CLIENT_TIMEOUT):
-        raise RuntimeError("never told to go")
+    ready_then_go(ready, go, "publisher")
     start = time.monotonic()
     for seq in range(count):
         wait_until(start + seq / rate)
