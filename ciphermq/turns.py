@@ -23,8 +23,9 @@ A well-behaved neighbour's command thus waits about one turn.
 
 A reader never steps aside for a **bulk** read (more than ``SHORT_READ`` commands): two
 pipelining clients, say a publisher and its consumer's acks, gain nothing from
-alternating every turn, and did pay for it (a wait and a wake-up per turn; about 10% of a
-pipelined publisher's throughput).  Two bulk readers share the CPU as any two threads do,
+alternating every turn, and did pay for it: a wait and a wake-up per turn, 50-150 steps
+aside and 40-230 ms of waiting per connection in a 1.5 s run of ``make bench``'s scenario 1
+(docs/BENCHMARKS.md, "Profile and gaps"); none now.  Two bulk readers share the CPU as any two threads do,
 by the interpreter's switch interval, and one waits for the broker mutex for at most the
 rest of the other's read.  A reader alone, or beside bulk readers only, never waits, and
 the check between commands compares two counters while no short reader is busy.  A read
