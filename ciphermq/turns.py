@@ -24,17 +24,18 @@ A well-behaved neighbour's command thus waits about one turn.
 A reader never steps aside for a **bulk** read (more than ``SHORT_READ`` commands): two
 pipelining clients, say a publisher and its consumer's acks, gain nothing from
 alternating every turn, and did pay for it: a wait and a wake-up per turn, 50-150 steps
-aside and 40-230 ms of waiting per connection in a 1.5 s run of ``make bench``'s scenario 1
-(docs/BENCHMARKS.md, "Profile and gaps"); none now.  Two bulk readers share the CPU as any two threads do,
-by the interpreter's switch interval, and one waits for the broker mutex for at most the
-rest of the other's read.  A reader alone, or beside bulk readers only, never waits, and
-the check between commands compares two counters while no short reader is busy.  A read
-that completes no line runs nothing and is not counted.
+aside and 40-230 ms of waiting per connection in a 1.5 s run of ``make bench``'s scenario
+1 (docs/BENCHMARKS.md, "Profile and gaps"); none now.  Two bulk readers share the CPU as
+any two threads do, by the interpreter's switch interval, and a command of one may wait
+for the broker mutex until the other's read ends (docs/SECURITY.md, "Known gaps").  A
+reader alone, or beside bulk readers only, never waits, and the check between commands
+compares two counters while no short reader is busy.  A read that completes no line runs
+nothing and is not counted.
 
 A client that sends short reads to look interactive gets what an interactive client gets:
 bulk readers step aside for it a turn at a time, for a read of at most ``SHORT_READ``
-commands each time, exactly as they do for the neighbour they protect; it cannot make them
-wait longer than ``max_wait`` per turn, nor hold a short neighbour back.
+commands each time, exactly as they do for the neighbour they protect, and never longer
+than ``max_wait`` per turn.
 
 A busy short neighbour may be blocked rather than running (a write to a client that does
 not read, a journal sync before its reply): a wait that ends at ``max_wait`` without

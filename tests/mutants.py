@@ -172,7 +172,8 @@ MUTANTS = [
              "        if False:"),),
            ("tests/test_crypto.py::test_expected_id_must_match",)),
     Mutant("connection-never-steps-aside",
-           "a connection busy with a long read steps aside for a neighbour's short read (--fair-turn)",
+           "a connection busy with a long read steps aside for a neighbour's short read "
+           "(--fair-turn)",
            (("ciphermq/connection.py",
              "                    if turn.due():      # a short read is busy and this turn is over",
              "                    if False:"),),
