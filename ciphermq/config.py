@@ -55,8 +55,9 @@ class ServerConfig:
     # a socket may wait for the interpreter lock while another connection's thread runs
     # Python.  Process-wide, so only main() applies it (docs/SECURITY.md, "Hostile neighbours").
     switch_interval: float = 0.001
-    # A connection that has run commands this long while another connection has commands
-    # to run steps aside between two commands (ciphermq/turns.py); 0: never.
+    # A connection that has run commands this long while another connection runs a short
+    # read (a few commands: an interactive client) steps aside between two commands
+    # (ciphermq/turns.py); 0: never.
     fair_turn: float = 0.0005
     fair_max_wait: float = 0.002         # ... for at most this long each time
     chaos: Optional[str] = None          # fault injection spec (ciphermq/chaos.py); None: off

@@ -36,8 +36,9 @@ The reader also enforces the connection's deadlines: authenticate within
 and at every read tick (a read that waits at most ``read_tick`` seconds), so
 however a client paces its bytes it is dropped within its deadline plus one
 tick.  Between two commands of one read, a reader whose turn is over while
-another connection's reader is busy steps aside for it (``--fair-turn``, see
-:mod:`ciphermq.turns`).  A reader with no deadline pending -- authenticated,
+another connection's reader is busy with a short read (an interactive client's
+few commands) steps aside for it (``--fair-turn``, see :mod:`ciphermq.turns`).
+A reader with no deadline pending -- authenticated,
 between lines, no ``idle_timeout`` -- has nothing to check: after every read
 the reader picks its next wait, ``idle_read_tick`` when nothing is pending, so
 a thousand idle connections do not wake a thousand threads a second (nor all
@@ -117,11 +118,12 @@ class Connection(socketserver.BaseRequestHandler):
                 return
             if b"\n" in data or not framer.in_line:    # the unfinished line began in data
                 self._line_started = self._heard_at     # when data arrived
-            turn.begin()
+            lines = framer.feed(data)
+            turn.begin(len(lines))
             try:
-                for line in framer.feed(data):
+                for line in lines:
                     self._execute(line)
-                    if turn.due():      # a neighbour is busy and this turn is over
+                    if turn.due():      # a short read is busy and this turn is over
                         self._step_aside(turn)
                 if self._long_tick == self._deadline_pending(framer):
                     self._set_read_tick(long_tick=not self._long_tick)   # before replying
@@ -138,7 +140,7 @@ class Connection(socketserver.BaseRequestHandler):
                 return
 
     def _step_aside(self, turn):
-        """Let a busy neighbour run (ciphermq/turns.py): first run the commands grouped so
+        """Let a short read's reader run (ciphermq/turns.py): first run the commands grouped so
         far, so no group outlasts a turn under the broker lock, then wait for its turn."""
         self._run_group()
         turn.step_aside()

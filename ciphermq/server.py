@@ -332,8 +332,9 @@ def build_parser():
              "connection woken by its socket waits while another runs (default %(default)s; "
              "Python's own is 0.005)")
     add("--fair-turn", type=seconds_or_zero, default=defaults.fair_turn, metavar="SECONDS",
-        help="a connection that has run commands this long while another has commands to "
-             "run steps aside for it between two commands; 0 = never (default %(default)s)")
+        help="a connection that has run commands this long while another runs a short read "
+             "(a few commands: an interactive client) steps aside for it between two "
+             "commands; 0 = never (default %(default)s)")
     add("--chaos", default=None, metavar="SPEC",
         help="inject faults for teaching, e.g. drop-ack=0.05,drop-confirm=0.05,"
              "drop-delivery=0.02,disconnect=0.01,delay-ms=0-20 (default: off)")
