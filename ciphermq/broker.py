@@ -302,7 +302,7 @@ class Broker:
                 try:
                     results.append(self._publish(*publish, pending))
                 except BrokerError as exc:
-                    results.append(exc)
+                    results.append(_refusal(exc))
             if pending:
                 self._dispatch(pending[0])
             return results, self._take_writers()
@@ -482,7 +482,7 @@ class Broker:
                 try:
                     results.append(self._acknowledge(session, message_id))
                 except BrokerError as exc:
-                    results.append(exc)
+                    results.append(_refusal(exc))
             return results, self._take_writers()
 
     def _acknowledge(self, session, message_id):
@@ -1047,6 +1047,19 @@ class Broker:
         """An id leaves the dedup window, with its digest."""
         del self._acked_at[message_id]
         self._acked_digests.pop(message_id, None)
+
+
+def _refusal(exc):
+    """A caught BrokerError to return as a result, without its traceback.
+
+    The traceback holds this call's frame, whose ``results`` holds the error: a
+    reference cycle that kept the whole batch (every refused 32 KiB envelope
+    of a pipelined write) alive until the cyclic garbage collector ran, and
+    made that collector run often and long under a publisher refused at
+    ``max_memory`` (docs/SECURITY.md, "Hostile neighbours").  Without it the
+    batch is freed when the caller lets go of the results.
+    """
+    return exc.with_traceback(None)
 
 
 def _delivered_body(message):
