@@ -60,6 +60,12 @@ DEFAULT_KEY = "default_key"
 DEAD_SUFFIX = ".dead"
 #: ``stats`` without a queue name lists at most this many queues (the totals cover all).
 STATS_MAX_QUEUES = 100
+#: What ``max_memory`` charges a queued copy besides its envelope bytes: the broker's own
+#: objects for it (its Message, the id, its ``_live`` entry and queue slot: about 230 bytes
+#: for a published message, 90 for each further fanout copy, by tracemalloc).  Without it a
+#: flood of small envelopes held twice ``max_memory``
+#: (tests/test_bounds.py::test_memory_bound_charges_what_a_queued_copy_really_costs).
+COPY_OVERHEAD = 256
 
 
 class Message:
@@ -196,9 +202,9 @@ class Broker:
         self.max_bindings = max_bindings
         self._bindings = 0          # over all exchanges, for max_bindings
         self._declared = 0          # queues counted by max_queues (see _declare_queue)
-        self.max_memory = max_memory    # envelope bytes queued, every copy counted
+        self.max_memory = max_memory    # bytes queued, every copy counted (COPY_OVERHEAD)
         self.max_unacked = max_unacked  # messages one session may hold unacked
-        self._queued_bytes = 0      # envelope bytes of every copy not yet acked
+        self._queued_bytes = 0      # envelope bytes + COPY_OVERHEAD of every copy not acked
         self.dedup_window = dedup_window
         self.dedup_max_ids = dedup_max_ids
         self.clock = clock
@@ -333,7 +339,7 @@ class Broker:
                 raise BrokerError("queue '%s' is full" % queue.name)
         if self.journal is not None:
             self.journal.check_writable()   # a disk refusing writes refuses publishes up front
-        cost = len(body) * len(queues)     # fanout copies share bytes, but count each
+        cost = (len(body) + COPY_OVERHEAD) * len(queues)   # fanout copies share bytes: count each
         if self._queued_bytes + cost > self.max_memory:
             raise BrokerError("broker memory limit reached")
         self._queued_bytes += cost
@@ -726,7 +732,7 @@ class Broker:
                     if len(names) > 1:
                         self._fanout[message_id] = len(names)
                     self._live_bytes += len(body)
-                    self._queued_bytes += len(body) * len(names)
+                    self._queued_bytes += (len(body) + COPY_OVERHEAD) * len(names)
                     for name in names:
                         queue = self._declare_queue(name)
                         reason = state.reasons.get(message_id) \
@@ -1029,7 +1035,7 @@ class Broker:
         if journal and self.journal is not None:
             self.journal.append(recovery.ack_record(message_id, message.queue.name,
                                                     int(self.wall_clock() * 1000), digest))
-        self._queued_bytes -= len(message.body)
+        self._queued_bytes -= len(message.body) + COPY_OVERHEAD
         left = self._fanout.pop(message_id, 1) - 1
         if left > 1:
             self._fanout[message_id] = left
