@@ -165,6 +165,22 @@ def _attack_memory(address, token, stop, state):
                       + ["publish fan x %s" % envelope("QUJD" * 256)])
 
 
+def _setup_hog(address, token):
+    conn = Line(address, "root", token)
+    conn.pipeline(["declare_queue hog", "bind default_exchange hog hog"])
+    conn.close()
+
+
+def _attack_memory_small(address, token, stop, state):
+    """Publish ~400-byte envelopes to an unconsumed queue, 672 a write (the bytes of the
+    fanout attack's 20 large ones): each queued message also costs the broker its own
+    objects, which --max-memory must count too (COPY_OVERHEAD)."""
+    conn = Line(address, "root", token)
+    while not stop.is_set():
+        conn.pipeline(["publish default_exchange hog %s" % envelope("QUJD" * 64)
+                       for _ in range(672)])
+
+
 def _setup_fetch(address, token):
     conn = Line(address, "root", token)
     conn.pipeline(["declare_queue held", "bind default_exchange held held"])
@@ -233,6 +249,7 @@ SCENARIOS = {
     "one-byte-segments": (_setup_nothing, _attack_segments),
     "dead-queue-names": (_setup_nothing, _attack_dead_names),
     "memory-fill+fanout": (_setup_memory, _attack_memory),
+    "memory-fill-small": (_setup_hog, _attack_memory_small),
     "fetch-without-ack": (_setup_fetch, _attack_fetch),
     "stats-5000-queues": (_setup_stats, _attack_stats),
     "topic-10k-bindings": (_setup_topic, _attack_topic),

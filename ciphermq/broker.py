@@ -60,6 +60,12 @@ DEFAULT_KEY = "default_key"
 DEAD_SUFFIX = ".dead"
 #: ``stats`` without a queue name lists at most this many queues (the totals cover all).
 STATS_MAX_QUEUES = 100
+#: What ``max_memory`` charges a queued copy besides its envelope bytes: the broker's own
+#: objects for it (its Message, the id, its ``_live`` entry and queue slot: about 230 bytes
+#: for a published message, 90 for each further fanout copy, by tracemalloc).  Without it a
+#: flood of small envelopes held twice ``max_memory``
+#: (tests/test_bounds.py::test_memory_bound_charges_what_a_queued_copy_really_costs).
+COPY_OVERHEAD = 256
 
 
 class Message:
@@ -196,9 +202,9 @@ class Broker:
         self.max_bindings = max_bindings
         self._bindings = 0          # over all exchanges, for max_bindings
         self._declared = 0          # queues counted by max_queues (see _declare_queue)
-        self.max_memory = max_memory    # envelope bytes queued, every copy counted
+        self.max_memory = max_memory    # bytes queued, every copy counted (COPY_OVERHEAD)
         self.max_unacked = max_unacked  # messages one session may hold unacked
-        self._queued_bytes = 0      # envelope bytes of every copy not yet acked
+        self._queued_bytes = 0      # envelope bytes + COPY_OVERHEAD of every copy not acked
         self.dedup_window = dedup_window
         self.dedup_max_ids = dedup_max_ids
         self.clock = clock
@@ -302,7 +308,7 @@ class Broker:
                 try:
                     results.append(self._publish(*publish, pending))
                 except BrokerError as exc:
-                    results.append(exc)
+                    results.append(_refusal(exc))
             if pending:
                 self._dispatch(pending[0])
             return results, self._take_writers()
@@ -333,7 +339,7 @@ class Broker:
                 raise BrokerError("queue '%s' is full" % queue.name)
         if self.journal is not None:
             self.journal.check_writable()   # a disk refusing writes refuses publishes up front
-        cost = len(body) * len(queues)     # fanout copies share bytes, but count each
+        cost = (len(body) + COPY_OVERHEAD) * len(queues)   # fanout copies share bytes: count each
         if self._queued_bytes + cost > self.max_memory:
             raise BrokerError("broker memory limit reached")
         self._queued_bytes += cost
@@ -482,7 +488,7 @@ class Broker:
                 try:
                     results.append(self._acknowledge(session, message_id))
                 except BrokerError as exc:
-                    results.append(exc)
+                    results.append(_refusal(exc))
             return results, self._take_writers()
 
     def _acknowledge(self, session, message_id):
@@ -726,7 +732,7 @@ class Broker:
                     if len(names) > 1:
                         self._fanout[message_id] = len(names)
                     self._live_bytes += len(body)
-                    self._queued_bytes += len(body) * len(names)
+                    self._queued_bytes += (len(body) + COPY_OVERHEAD) * len(names)
                     for name in names:
                         queue = self._declare_queue(name)
                         reason = state.reasons.get(message_id) \
@@ -1029,7 +1035,7 @@ class Broker:
         if journal and self.journal is not None:
             self.journal.append(recovery.ack_record(message_id, message.queue.name,
                                                     int(self.wall_clock() * 1000), digest))
-        self._queued_bytes -= len(message.body)
+        self._queued_bytes -= len(message.body) + COPY_OVERHEAD
         left = self._fanout.pop(message_id, 1) - 1
         if left > 1:
             self._fanout[message_id] = left
@@ -1047,6 +1053,19 @@ class Broker:
         """An id leaves the dedup window, with its digest."""
         del self._acked_at[message_id]
         self._acked_digests.pop(message_id, None)
+
+
+def _refusal(exc):
+    """A caught BrokerError to return as a result, without its traceback.
+
+    The traceback holds this call's frame, whose ``results`` holds the error: a
+    reference cycle that kept the whole batch (every refused 32 KiB envelope
+    of a pipelined write) alive until the cyclic garbage collector ran, and
+    made that collector run often and long under a publisher refused at
+    ``max_memory`` (docs/SECURITY.md, "Hostile neighbours").  Without it the
+    batch is freed when the caller lets go of the results.
+    """
+    return exc.with_traceback(None)
 
 
 def _delivered_body(message):

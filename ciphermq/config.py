@@ -47,7 +47,7 @@ class ServerConfig:
     # -- broker-wide bounds against hostile clients (docs/SECURITY.md) --
     # max_queues counts every queue a client can create, ".dead" names included;
     # only the dead-letter queue of a counted queue is free (at most one each).
-    max_memory: int = 512 * 1024 * 1024  # queued envelope bytes, every copy counted
+    max_memory: int = 512 * 1024 * 1024  # queued envelope bytes + COPY_OVERHEAD, every copy
     max_unacked: int = 10_000            # unacked messages one connection holds
     login_failure_limit: int = 20        # failed logins per source address ...
     login_failure_window: float = 60.0   # ... per this many seconds; then refused unchecked

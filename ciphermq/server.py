@@ -316,8 +316,8 @@ def build_parser():
              "the damaged bytes to a new journal.damaged.* file (default: refuse to start)")
     # -- broker-wide bounds against hostile clients (docs/SECURITY.md, "Bounds") --
     add("--max-memory", type=int, default=defaults.max_memory, metavar="BYTES",
-        help="queued envelope bytes, every copy counted; beyond it publishes are refused "
-             "(default %(default)s)")
+        help="queued envelope bytes plus 256 a copy for the broker's own objects, every copy "
+             "counted; beyond it publishes are refused (default %(default)s)")
     add("--max-unacked", type=int, default=defaults.max_unacked,
         help="unacked messages one connection may hold, pushed and fetched "
              "(default %(default)s)")

@@ -5,15 +5,18 @@ port 0 and asserts its bound by counting -- queues, bytes, refusals, log
 lines -- never by timing.
 """
 import contextlib
+import gc
 import json
 import logging
 import threading
+import tracemalloc
 
 import pytest
 from conftest import FakeClock, Wire, envelope, parse_message, publish_line
 
 from ciphermq import access
-from ciphermq.broker import STATS_MAX_QUEUES
+from ciphermq.broker import COPY_OVERHEAD, STATS_MAX_QUEUES
+from ciphermq.transport import RECV_BYTES
 
 
 @pytest.fixture
@@ -86,7 +89,8 @@ def test_dead_letter_names_count_towards_max_queues(start_server, wires):
 
 def test_memory_bound_counts_every_fanout_copy_and_consumers_drain(start_server, wires):
     """Beyond --max-memory publishes get `Error: broker memory limit reached`; stats
-    counts every fanout copy's bytes; acking frees room and publishes go on."""
+    counts every fanout copy's bytes (plus COPY_OVERHEAD); acking frees room and
+    publishes go on."""
     server = start_server(max_memory=40_000)
     wire = wires(server)
     setup = ["declare_exchange fan fanout"] + [
@@ -97,8 +101,8 @@ def test_memory_bound_counts_every_fanout_copy_and_consumers_drain(start_server,
              for _ in range(20)]
     replies = pipelined(wire, lines)
     accepted = sum(r.startswith("ACK ") for r in replies)
-    copy = len(body)
-    assert accepted == 40_000 // (4 * copy) == 8
+    copy = len(body) + COPY_OVERHEAD
+    assert accepted == 40_000 // (4 * copy) == 7
     assert replies[accepted:] == ["Error: broker memory limit reached"] * (20 - accepted)
     memory = stats(wire)["memory"]
     assert memory == {"queued_bytes": accepted * 4 * copy, "max_memory": 40_000}
@@ -107,6 +111,32 @@ def test_memory_bound_counts_every_fanout_copy_and_consumers_drain(start_server,
         assert wire.call("ack %s" % message_id) == "ACK_CONFIRMED %s" % message_id
     assert stats(wire)["memory"]["queued_bytes"] == (accepted - 1) * 4 * copy
     assert wire.call(lines[-1]).startswith("ACK ")
+
+
+def test_memory_bound_charges_what_a_queued_copy_really_costs(start_server, wires):
+    """Small envelopes published until `broker memory limit reached` hold at most
+    --max-memory of broker memory (by tracemalloc): the envelope bytes and the broker's
+    own objects for each copy (COPY_OVERHEAD), not the envelopes alone; beyond it only
+    the connection's read buffers (the pending recv and the last read's bytes)."""
+    server = start_server(max_memory=1_000_000)
+    wire = wires(server)
+    lines = [publish_line() for _ in range(8000)]      # ~140-byte envelopes: 1.1 MB
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        refused = 0
+        for start in range(0, len(lines), 500):
+            replies = pipelined(wire, lines[start:start + 500])
+            refused += replies.count("Error: broker memory limit reached")
+            del replies
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert refused > 0
+    assert stats(wire)["memory"]["queued_bytes"] <= 1_000_000
+    assert held <= 1_000_000 + 2 * RECV_BYTES, held
 
 
 def test_one_connection_holds_at_most_max_unacked_pushed_and_fetched(start_server, wires):
@@ -262,7 +292,7 @@ def test_memory_accounting_follows_dead_letters_purge_and_requeue_dead(start_ser
     server = start_server(max_deliveries=1)
     wire = wires(server)
     lines = [publish_line() for _ in range(3)]
-    size = sum(len(line.split(" ", 3)[3].strip()) for line in lines)
+    size = sum(len(line.split(" ", 3)[3].strip()) + COPY_OVERHEAD for line in lines)
     assert all(r.startswith("ACK ") for r in pipelined(wire, lines))
     assert stats(wire)["memory"]["queued_bytes"] == size
     fetched, _ = parse_message(wire.call("fetch default_queue"))

@@ -1,4 +1,6 @@
 """The broker's rules, driven directly with a fake clock (no sockets, no waiting)."""
+import gc
+import sys
 from pathlib import Path
 
 import pytest
@@ -336,3 +338,26 @@ def test_a_batch_is_delivered_and_acked_exactly_as_one_at_a_time(clock):
         return seen
 
     assert run(batched=True) == run(batched=False)
+
+
+def test_refused_publishes_and_acks_are_freed_at_once_not_by_the_garbage_collector():
+    """A batch refused at max_memory (and a refused ack) forms no reference cycle: its
+    envelopes are freed as soon as the caller lets go of the results."""
+    broker = Broker(max_memory=10)
+    broker.declare_defaults()
+    body = b'{"message_id": "m1", "ciphertext": "%s"}' % (b"QUJD" * 100)
+    ids = ["never-delivered"]
+    body_refs, ids_refs = sys.getrefcount(body), sys.getrefcount(ids)
+    collecting = gc.isenabled()
+    gc.disable()                # a collection now would hide a cycle
+    try:
+        results, _ = broker.publish_many([("default_exchange", "default_key", "m1", body)])
+        assert str(results[0]) == "broker memory limit reached"
+        del results
+        acks, _ = broker.acknowledge_many(broker.open_session("s"), ids)
+        assert isinstance(acks[0], BrokerError)
+        del acks
+        assert (sys.getrefcount(body), sys.getrefcount(ids)) == (body_refs, ids_refs)
+    finally:
+        if collecting:
+            gc.enable()

@@ -15,6 +15,7 @@ from processes import BrokerProcess
 from prometheus_client.parser import text_string_to_metric_families
 
 from ciphermq import access, metrics
+from ciphermq.broker import COPY_OVERHEAD
 from ciphermq.config import ServerConfig
 from ciphermq.dashboard import Dashboard, load_page
 from ciphermq.server import BrokerServer
@@ -124,7 +125,7 @@ def test_metrics_show_queued_bytes_against_max_memory(start_server):
         client.close()
     body = line.split(" ", 3)[3]
     samples, _ = scrape(server)
-    assert samples[("ciphermq_queued_bytes", ())] == len(body)
+    assert samples[("ciphermq_queued_bytes", ())] == len(body) + COPY_OVERHEAD
     assert samples[("ciphermq_max_memory_bytes", ())] == 1_000_000
     assert samples[("ciphermq_queues", ())] == 1
 
