@@ -792,19 +792,22 @@ class Broker:
         says how many exist.  The work under the lock is O(limit), not
         O(queues): a broker with many queues answers as fast as one with few.
         """
-        with self.mutex:
+        with self.mutex:        # copy plain tuples; the dicts are built after release
             if queue_name is not None:
                 queue = self._queues.get(queue_name)
                 chosen = [] if queue is None else [queue]
             else:
                 chosen = itertools.islice(self._queues.values(), limit)
-            return {
-                "queues": {q.name: {"ready": len(q.ready), "unacked": q.unacked,
-                                    "consumers": len(q.consumers)} for q in chosen},
-                "queue_count": len(self._queues),
-                "totals": dict(self.totals),
-                "memory": {"queued_bytes": self._queued_bytes, "max_memory": self.max_memory},
-            }
+            rows = [(q.name, len(q.ready), q.unacked, len(q.consumers)) for q in chosen]
+            queue_count, totals = len(self._queues), dict(self.totals)
+            queued_bytes = self._queued_bytes
+        return {
+            "queues": {name: {"ready": ready, "unacked": unacked, "consumers": consumers}
+                       for name, ready, unacked, consumers in rows},
+            "queue_count": queue_count,
+            "totals": totals,
+            "memory": {"queued_bytes": queued_bytes, "max_memory": self.max_memory},
+        }
 
     # -- internals: only called with the mutex held ----------------------------
 

@@ -87,6 +87,20 @@ def test_dead_letter_names_count_towards_max_queues(start_server, wires):
     assert stats(wire)["queue_count"] == 11 <= 2 * 10
 
 
+
+def test_refused_declarations_log_nothing(start_server, wires):
+    """A flood of refused `declare_queue xN.dead` writes no log line at INFO or above
+    (one per refusal would be a hostile client's lever on the broker's disk and CPU)."""
+    server = start_server(max_queues=10)
+    wire = wires(server)
+    assert wire.call("ping") == "PONG"
+    with recording("ciphermq.connection") as connection_log, \
+            recording("ciphermq.broker") as broker_log:
+        replies = pipelined(wire, ["declare_queue x%d.dead" % n for n in range(1_000)])
+    assert replies[-1] == "Error: too many queues (max 10)"
+    assert replies.count("Error: too many queues (max 10)") == 991
+    assert connection_log.messages == broker_log.messages == []
+
 def test_memory_bound_counts_every_fanout_copy_and_consumers_drain(start_server, wires):
     """Beyond --max-memory publishes get `Error: broker memory limit reached`; stats
     counts every fanout copy's bytes (plus COPY_OVERHEAD); acking frees room and
