@@ -15,6 +15,12 @@ A message copy in a queue is in one of two states::
 
 A message is never dropped: it leaves the broker only by an ack.
 
+Whatever is given back at once (a disconnect, a consumer timeout, many
+overdue fetches) goes back REQUEUE_CHUNK messages per hold of the mutex,
+newest first, each chunk at the front of its queue, so other threads' calls
+run in between and the queue ends in the order one step would leave
+(:class:`GiveBack`, :meth:`Broker._put_back_pending`).
+
 An overdue delivery counts as given back only if its consumer has acked (or
 nacked, rejected) a message delivered *after* it: it read past it.  A
 consumer still busy with earlier messages is slow, and its overdue ones wait
@@ -66,6 +72,10 @@ STATS_MAX_QUEUES = 100
 #: flood of small envelopes held twice ``max_memory``
 #: (tests/test_bounds.py::test_memory_bound_charges_what_a_queued_copy_really_costs).
 COPY_OVERHEAD = 256
+#: A mass give-back (a disconnect, a consumer timeout, many deliveries overdue at once)
+#: puts back at most this many messages per hold of the mutex: a neighbour's command waits
+#: for one chunk (about 0.1 ms), not for all of a connection's 10,000 (about 5 ms).
+REQUEUE_CHUNK = 256
 
 
 class Message:
@@ -105,6 +115,38 @@ class Delivery:
         self.seq = seq              # the broker's hand-over count at this hand-over
         self.pushed_again = False   # already pushed once more to this stalled consumer
         self.push_lost = False      # chaos mode lost its push: a timeout is a plain redelivery
+
+
+class GiveBack:
+    """Deliveries given back together, not yet all back in their queues.
+
+    ``deliveries`` is oldest first; they are put back from its end, newest first, each
+    at the front of its queue, so once all are back they are at the front oldest first,
+    exactly as if put back in one step (:meth:`Broker._put_back`).  One that is given
+    back while others wait in ``Broker._giving_back`` is there until a chunk takes it:
+    it belongs to no session (nobody can ack it), is not ready (nobody is handed it),
+    still counts as unacked in its queue, and is in the journal's snapshots as in flight.
+    """
+
+    __slots__ = ("deliveries", "reason", "requeued", "dead_lettered", "first_requeued",
+                 "first_dead")
+
+    def __init__(self, deliveries, reason):
+        self.deliveries = deliveries
+        self.reason = reason            # for the summary line: "connection closed", ...
+        self.requeued = self.dead_lettered = 0
+        self.first_requeued = None      # (id, queue) of the oldest put back so far
+        self.first_dead = None          # (id, dead queue, returns) likewise
+
+    def summarise(self, events):
+        """At most two log events for the whole give-back, however many messages."""
+        if self.dead_lettered:
+            events.append((logging.WARNING, "%d message(s) dead-lettered (first: %s to %s, "
+                           "given back %d times)", (self.dead_lettered,) + self.first_dead))
+        if self.requeued:
+            events.append((logging.INFO, "%d message(s) requeued for redelivery (%s; "
+                           "first: %s to %s)", (self.requeued, self.reason)
+                           + self.first_requeued))
 
 
 class Queue:
@@ -226,6 +268,9 @@ class Broker:
         self._handovers = 0         # deliveries made so far: each one's Message.seq
         self._live_bytes = 0        # envelope bytes of live messages (compaction rule)
         self._new_pushes = []       # sessions whose pushes stopped being empty in this call
+        #: GiveBacks too large for one hold, oldest first; the head is being put back a
+        #: chunk at a time by the threads that gave them back (see _put_back_pending).
+        self._giving_back = collections.deque()
         self.totals = dict.fromkeys(
             ("published", "duplicates", "delivered", "redelivered", "acked", "dead_lettered"), 0)
 
@@ -529,13 +574,20 @@ class Broker:
             self._notify_writers()
         _log_events(events)
 
-    def close_session(self, session):
-        """Forget a connection: everything it held goes back to its queues."""
+    def close_session(self, session, between_chunks=None):
+        """Forget a connection: everything it held goes back to its queues; how many.
+
+        Blocks until all of it is back.  More than REQUEUE_CHUNK messages go back a
+        chunk per hold of the mutex, so other threads' calls run between two chunks;
+        ``between_chunks``, if given, is called there, without the mutex (the server
+        steps aside for a short read: ciphermq/turns.py).
+        """
         events = []
         with self.mutex:
-            held = self._close(session, events, "connection closed")
+            held, give_back = self._close(session, events, "connection closed")
             self._notify_writers()
         _log_events(events)
+        self._put_back_pending(give_back, between_chunks)
         return held
 
     # -- refusing (basic.reject without requeue) --------------------------------
@@ -628,11 +680,14 @@ class Broker:
 
     # -- the timer's work ---------------------------------------------------
 
-    def retry_unacknowledged(self, now=None):
+    def retry_unacknowledged(self, now=None, between_chunks=None):
         """Take back deliveries unacked past their deadline, for redelivery; forget old acked ids.
 
         Called by the redelivery thread.  Returns the clock time at which
-        it should be called again.
+        it should be called again.  Blocks until all it took back is back in
+        its queues; a give-back of more than REQUEUE_CHUNK messages goes back
+        a chunk per hold, ``between_chunks`` (if given) called between two,
+        without the mutex (see close_session).
 
         A delivery overdue at a session that has said nothing since it was
         made is not counted as failed and not pushed again and again (see the
@@ -640,7 +695,7 @@ class Broker:
         and has been silent for ``consumer_timeout`` is closed, and its
         ``hang_up`` callback called (after the lock is released).
         """
-        events, hang_ups = [], []
+        events, hang_ups, give_backs = [], [], []
         with self.mutex:
             now = self.clock() if now is None else now
             next_due = now + self.redelivery_interval
@@ -654,25 +709,28 @@ class Broker:
                     events.append((logging.WARNING, "Consumer %s acked nothing for %.0f s: "
                                    "disconnecting it, its messages requeued",
                                    (session.name, self.consumer_timeout)))
-                    self._close(session, events, "consumer timeout")
+                    give_backs.append(self._close(session, events, "consumer timeout")[1])
                     continue
                 if self.consumer_timeout:
                     next_due = min(next_due, silent_since + self.consumer_timeout)
                 next_due = min(next_due, self._take_back_overdue(session, now, silent_since,
-                                                                 events))
+                                                                 events, give_backs))
             self._expire_acked(now)
             self._notify_writers()
         _log_events(events)
+        for give_back in give_backs:
+            self._put_back_pending(give_back, between_chunks)
         for hang_up in hang_ups:
             if hang_up is not None:
                 hang_up()
         return next_due
 
-    def _take_back_overdue(self, session, now, silent_since, events):
+    def _take_back_overdue(self, session, now, silent_since, events, give_backs):
         """retry_unacknowledged() for one session, with the mutex held; its next due time.
 
         Pulled, lost or skipped deliveries are given back (and counted); a
-        slow consumer's get more time; a silent one's wait, uncounted.
+        slow consumer's get more time; a silent one's wait, uncounted.  A
+        give-back too large for one hold is added to ``give_backs``.
         """
         next_due = now + self.redelivery_interval
         given_back, waiting = [], 0
@@ -696,7 +754,7 @@ class Broker:
             events.append((logging.INFO, "Consumer %s stalled (silent for %.1f s): "
                            "%d overdue message(s) wait for it, not counted as failed "
                            "deliveries", (session.name, now - silent_since, waiting)))
-        self._requeue(given_back, events, "not acked in time")
+        give_backs.append(self._give_back(given_back, events, "not acked in time"))
         return next_due
 
     # -- durability -----------------------------------------------------------
@@ -769,6 +827,8 @@ class Broker:
                     state.bindings.append((name, queue.name, key))
             in_flight = [delivery.message for session in self._sessions
                          for delivery in session.held.values()]
+            in_flight += [delivery.message for give_back in self._giving_back
+                          for delivery in give_back.deliveries]
             for message in in_flight + [m for q in self._queues.values() for m in q.ready]:
                 entry = state.live.setdefault(message.id, (message.body, []))
                 entry[1].append(message.queue.name)
@@ -855,19 +915,24 @@ class Broker:
         session.stalled = False
 
     def _close(self, session, events, reason):
-        """close_session()'s work; returns how many held messages went back."""
+        """close_session()'s work: ``(how many it held, a GiveBack still to put back or None)``.
+
+        From here on the session holds nothing: an ack of one of its messages is refused,
+        whether or not the message is back in its queue yet.
+        """
         if session.closed:
-            return 0
+            return 0, None
         session.closed = True
         self._sessions.discard(session)
         for consumer in session.consumers.values():
             consumer.queue.consumers.remove(consumer)
         held = list(session.held.values())
+        count = len(held)
         session.held.clear()
         session.pushes = []
-        self._requeue(held, events, reason)
+        give_back = self._give_back(held, events, reason)     # consumes ``held``
         session.has_pushes.notify_all()
-        return len(held)
+        return count, give_back
 
     def _unstick(self, session, delivery, now, events):
         """An overdue push to a stalled session: to another consumer, pushed once more, or wait.
@@ -955,7 +1020,7 @@ class Broker:
             delivery.consumer.in_flight -= 1
 
     def _requeue(self, deliveries, events, reason):
-        """Return in-flight messages to the front of their queues, oldest first.
+        """Return in-flight messages to the front of their queues, oldest first, in this hold.
 
         A message that has used up its deliveries goes to ``<queue>.dead``
         instead (a dead-letter queue never dead-letters again).  Adds at
@@ -964,31 +1029,77 @@ class Broker:
         """
         if not deliveries:
             return
+        give_back = GiveBack(deliveries, reason)
+        self._put_back(give_back, len(deliveries))
+        give_back.summarise(events)
+
+    def _give_back(self, deliveries, events, reason):
+        """_requeue() now if they fit in one chunk; else a GiveBack queued in _giving_back.
+
+        The caller must call _put_back_pending() with what this returns (None: nothing
+        left to do) once it has released the mutex.  While give-backs are pending,
+        messages given back later in one chunk (a nack, a small disconnect) are put at
+        the front at once; the pending ones then go in front of them.
+        """
+        if len(deliveries) <= REQUEUE_CHUNK:
+            self._requeue(deliveries, events, reason)
+            return None
+        give_back = GiveBack(deliveries, reason)
+        self._giving_back.append(give_back)
+        return give_back
+
+    def _put_back_pending(self, give_back, between_chunks=None):
+        """Put back pending give-backs, oldest first, a chunk per hold, until ``give_back``'s
+        last message is back.  Called without the mutex; blocks until then.
+
+        Every thread that queued a give-back works here, on the oldest one, so they are
+        put back in the order they were given, and each caller returns only when its own
+        is done.  ``between_chunks`` is called between two holds.
+        """
+        if give_back is None:
+            return
+        while True:
+            events = []
+            with self.mutex:
+                if give_back.deliveries:
+                    head = self._giving_back[0]
+                    self._put_back(head, REQUEUE_CHUNK)
+                    if not head.deliveries:
+                        self._giving_back.popleft()
+                        head.summarise(events)
+                    self._notify_writers()
+                done = not give_back.deliveries
+            _log_events(events)
+            if done:
+                return
+            if between_chunks is not None:
+                between_chunks()
+
+    def _put_back(self, give_back, count):
+        """Put the newest ``count`` deliveries of ``give_back`` back at the front of their
+        queues (or in ``<queue>.dead``) and serve those queues' consumers."""
+        deliveries = give_back.deliveries
+        chunk = deliveries[-count:]
+        del deliveries[-count:]
         touched = []
-        requeued, dead_lettered = [], []
-        for delivery in reversed(deliveries):
+        for delivery in reversed(chunk):
             self._release(delivery)
             message = delivery.message
             message.returns += 1
             queue = message.queue
             if message.returns >= self.max_deliveries and not queue.is_dead_letter_queue:
                 dead = self._dead_letter(message, "given back %d times" % message.returns)
-                dead_lettered.append((message.id, dead.name, message.returns))
+                give_back.dead_lettered += 1
+                give_back.first_dead = (message.id, dead.name, message.returns)
                 touched.append(dead)
             else:
                 queue.ready.appendleft(message)
-                requeued.append((message.id, queue.name))
+                give_back.requeued += 1
+                give_back.first_requeued = (message.id, queue.name)
             if queue not in touched:
                 touched.append(queue)
         for queue in touched:
             self._dispatch(queue)
-        if dead_lettered:
-            first = dead_lettered[-1]       # the oldest (the loop ran newest first)
-            events.append((logging.WARNING, "%d message(s) dead-lettered (first: %s to %s, "
-                           "given back %d times)", (len(dead_lettered),) + first))
-        if requeued:
-            events.append((logging.INFO, "%d message(s) requeued for redelivery (%s; "
-                           "first: %s to %s)", (len(requeued), reason) + requeued[-1]))
 
     def _dead_letter(self, message, reason, events=None):
         """Put a copy (already out of any session) in ``<queue>.dead``; returns that queue.

@@ -53,6 +53,7 @@ import threading
 
 from . import protocol
 from .access import ANONYMOUS
+from .broker import REQUEUE_CHUNK
 from .errors import CipherMQError, ProtocolError
 from .journal import JournalError, JournalWriteFailed
 from .transport import PlainTransport, TlsTransport, TransportError, set_timeouts
@@ -158,13 +159,29 @@ class Connection(socketserver.BaseRequestHandler):
 
     def finish(self):
         """Give back what the session held, stop the delivery thread (bounded), log the end."""
-        requeued = self.broker.close_session(self.session)
+        requeued = self._give_back_held()
         self.close()
         if self._writer is not None:
             self._writer.join(self.config.write_timeout + 1.0)
         self.server.forget(self)
         log.info("Client disconnected: %s%s", self.peer,
                  " (%d unacked message(s) requeued)" % requeued if requeued else "")
+
+    def _give_back_held(self):
+        """close_session(), taking turns as a read does: a requeue of many messages runs in
+        chunks (REQUEUE_CHUNK), and between two of them this thread steps aside for a short
+        read (an interactive neighbour) once its turn is over, as between two commands."""
+        turn = self.server.turns.turn()
+
+        def between_chunks():
+            if turn.due():
+                turn.step_aside()
+
+        turn.begin(REQUEUE_CHUNK)  # bulk, as a long read: it steps aside for a short read
+        try:
+            return self.broker.close_session(self.session, between_chunks)
+        finally:
+            turn.end()
 
     def close(self):
         """Shut the socket down so both threads stop; safe to call twice, from any thread."""

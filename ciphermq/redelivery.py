@@ -8,6 +8,8 @@ whatever has expired, and goes back to waiting.
 import logging
 import threading
 
+from .broker import REQUEUE_CHUNK
+
 log = logging.getLogger(__name__)
 
 
@@ -21,8 +23,11 @@ class RedeliveryTimer:
     #: Never wake more often than this, however close deadlines are.
     MIN_WAIT = 0.005
 
-    def __init__(self, broker):
+    def __init__(self, broker, turns=None):
         self._broker = broker
+        #: The server's Turns (ciphermq/turns.py): a give-back too large for one hold of
+        #: the broker mutex steps aside between chunks for a short read, as a reader does.
+        self._turns = turns
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ciphermq-redelivery")
 
@@ -39,8 +44,29 @@ class RedeliveryTimer:
         clock = self._broker.clock
         while not self._stop.is_set():
             try:
-                next_due = self._broker.retry_unacknowledged()
+                next_due = self._retry()
             except Exception:               # a bug: log it, keep the timer alive
                 log.exception("redelivery pass failed")
                 next_due = clock() + 1.0
             self._stop.wait(max(self.MIN_WAIT, next_due - clock()))
+
+    def _retry(self):
+        """One pass of retry_unacknowledged.  Only a pass that puts messages back in chunks
+        takes a turn (from its first chunk on): the usual pass leaves the readers alone."""
+        if self._turns is None:
+            return self._broker.retry_unacknowledged()
+        turn = self._turns.turn()
+        begun = []
+
+        def between_chunks():
+            if not begun:
+                turn.begin(REQUEUE_CHUNK)   # bulk: it steps aside for a short read
+                begun.append(True)
+            elif turn.due():
+                turn.step_aside()
+
+        try:
+            return self._broker.retry_unacknowledged(between_chunks=between_chunks)
+        finally:
+            if begun:
+                turn.end()

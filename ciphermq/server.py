@@ -93,7 +93,7 @@ class BrokerServer(socketserver.ThreadingTCPServer):
         self._chaos_for = {}        # accepted socket -> its ConnectionChaos, until set up
         self._admitted = 0
         self._stopping = False
-        self._timer = RedeliveryTimer(self.broker)
+        self._timer = RedeliveryTimer(self.broker, self.turns)
         self._accept_thread = None
         self.dashboard = None
         try:
