@@ -51,9 +51,8 @@ import socket
 import socketserver
 import threading
 
-from . import protocol
+from . import protocol, turns
 from .access import ANONYMOUS
-from .broker import REQUEUE_CHUNK
 from .errors import CipherMQError, ProtocolError
 from .journal import JournalError, JournalWriteFailed
 from .transport import PlainTransport, TlsTransport, TransportError, set_timeouts
@@ -171,17 +170,7 @@ class Connection(socketserver.BaseRequestHandler):
         """close_session(), taking turns as a read does: a requeue of many messages runs in
         chunks (REQUEUE_CHUNK), and between two of them this thread steps aside for a short
         read (an interactive neighbour) once its turn is over, as between two commands."""
-        turn = self.server.turns.turn()
-
-        def between_chunks():
-            if turn.due():
-                turn.step_aside()
-
-        turn.begin(REQUEUE_CHUNK)  # bulk, as a long read: it steps aside for a short read
-        try:
-            return self.broker.close_session(self.session, between_chunks)
-        finally:
-            turn.end()
+        return self.broker.close_session(self.session, turns.between_chunks(self.server.turns))
 
     def close(self):
         """Shut the socket down so both threads stop; safe to call twice, from any thread."""

@@ -8,7 +8,7 @@ whatever has expired, and goes back to waiting.
 import logging
 import threading
 
-from .broker import REQUEUE_CHUNK
+from .turns import between_chunks
 
 log = logging.getLogger(__name__)
 
@@ -51,22 +51,8 @@ class RedeliveryTimer:
             self._stop.wait(max(self.MIN_WAIT, next_due - clock()))
 
     def _retry(self):
-        """One pass of retry_unacknowledged.  Only a pass that puts messages back in chunks
-        takes a turn (from its first chunk on): the usual pass leaves the readers alone."""
+        """One pass of retry_unacknowledged; a pass that puts messages back in chunks steps
+        aside between two of them for a short read, as a reader does (ciphermq/turns.py)."""
         if self._turns is None:
             return self._broker.retry_unacknowledged()
-        turn = self._turns.turn()
-        begun = []
-
-        def between_chunks():
-            if not begun:
-                turn.begin(REQUEUE_CHUNK)   # bulk: it steps aside for a short read
-                begun.append(True)
-            elif turn.due():
-                turn.step_aside()
-
-        try:
-            return self._broker.retry_unacknowledged(between_chunks=between_chunks)
-        finally:
-            if begun:
-                turn.end()
+        return self._broker.retry_unacknowledged(between_chunks=between_chunks(self._turns))

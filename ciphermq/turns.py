@@ -146,3 +146,20 @@ class Turn:
                 finally:
                     turns.waiting -= 1
         self.started = turns.clock()
+
+
+def between_chunks(turns):
+    """A ``between_chunks`` callback for work done in chunks outside a read (the broker's
+    mass requeue: Broker.close_session, Broker.retry_unacknowledged).
+
+    The calling thread counts as a bulk reader from now on: between two chunks it steps
+    aside for a short read once its turn is over, as a reader does between two commands.
+    A bulk turn counts nothing in ``turns``, so there is nothing to end afterwards.
+    """
+    turn = turns.turn()
+    turn.begin(SHORT_READ + 1)
+
+    def step_aside_if_due():
+        if turn.due():
+            turn.step_aside()
+    return step_aside_if_due
