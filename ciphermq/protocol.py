@@ -287,12 +287,17 @@ def stats_reply(stats):
     about three times as much, once per ``stats``, and a client may send
     thousands of them a second (docs/SECURITY.md, "Hostile neighbours").
     """
-    rows = ",".join(['%s:{"consumers":%d,"ready":%d,"unacked":%d}'
-                     % (_json_string(name), row["consumers"], row["ready"], row["unacked"])
-                     for name, row in sorted(stats["queues"].items())])
-    return ('{"memory":%s,"queue_count":%d,"queues":{%s},"totals":%s}\n'
-            % (_compact_json(stats["memory"]), stats["queue_count"], rows,
-               _compact_json(stats["totals"]))).encode("ascii")
+    return ("{%s}\n" % ",".join(
+        "%s:%s" % (_json_string(key),
+                   _queue_rows(stats[key]) if key == "queues" else _compact_json(stats[key]))
+        for key in sorted(stats))).encode("ascii")
+
+
+def _queue_rows(queues):
+    return "{%s}" % ",".join(['%s:{"consumers":%d,"ready":%d,"unacked":%d}'
+                              % (_json_string(name), row["consumers"], row["ready"],
+                                 row["unacked"])
+                              for name, row in sorted(queues.items())])
 
 
 #: json.dumps's own encoder for one string (ASCII-only, as json.dumps's default).
