@@ -278,11 +278,8 @@ def test_a_neighbour_is_answered_while_a_disconnects_requeue_is_between_chunks(
         holder.close()
 
 
-def test_a_closing_connection_steps_aside_between_chunks_for_a_busy_neighbour(
-        start_server, monkeypatch):
-    """Between two chunks of its requeue, a closing connection steps aside for a reader
-    busy with a short read (an interactive neighbour), and goes on once that read is over."""
-    server = start_server(fair_turn=1e-9, fair_max_wait=WAIT)
+def noting_steps_aside(monkeypatch):
+    """An Event set whenever any Turn steps aside (Turn.step_aside still runs)."""
     stepped = threading.Event()
     step_aside = turns.Turn.step_aside
 
@@ -291,6 +288,15 @@ def test_a_closing_connection_steps_aside_between_chunks_for_a_busy_neighbour(
         step_aside(turn)
 
     monkeypatch.setattr(turns.Turn, "step_aside", noted_step_aside)
+    return stepped
+
+
+def test_a_closing_connection_steps_aside_between_chunks_for_a_busy_neighbour(
+        start_server, monkeypatch):
+    """Between two chunks of its requeue, a closing connection steps aside for a reader
+    busy with a short read (an interactive neighbour), and goes on once that read is over."""
+    server = start_server(fair_turn=1e-9, fair_max_wait=WAIT)
+    stepped = noting_steps_aside(monkeypatch)
     publisher, holder = Wire(server.address), Wire(server.address)
     try:
         pipelined(publisher, [publish_line() for _ in range(HELD)])
@@ -321,14 +327,7 @@ def test_the_redelivery_timer_steps_aside_between_chunks_for_a_busy_neighbour(
     ids = fill(broker, HELD)
     fetch_all(broker, broker.open_session("fetcher"), HELD)
     clock.advance(31)
-    stepped = threading.Event()
-    step_aside = turns.Turn.step_aside
-
-    def noted_step_aside(turn):
-        stepped.set()
-        step_aside(turn)
-
-    monkeypatch.setattr(turns.Turn, "step_aside", noted_step_aside)
+    stepped = noting_steps_aside(monkeypatch)
     shared = turns.Turns(1e-9, WAIT)
     busy = shared.turn()            # an interactive reader in the middle of a read
     busy.begin(1)
