@@ -120,15 +120,22 @@ def _fold_publish(state, rest):
 
 def _fold_ack(state, rest):
     message_id, queue, wall_ms, *digest = rest.decode("ascii").split(" ")
-    if digest:
-        state.acked_digests.setdefault(message_id, bytes.fromhex(digest[0]))
+    _ack_copy(state, message_id, queue, int(wall_ms),
+              bytes.fromhex(digest[0]) if digest else None)
+
+
+def _ack_copy(state, message_id, queue, wall_ms, digest):
+    """One copy of ``message_id`` acked (or purged) from ``queue``; ``digest``: what the id
+    stays bound to, or None (a record older than digests)."""
+    if digest is not None:
+        state.acked_digests.setdefault(message_id, digest)
     entry = state.live.get(message_id)
     if entry is not None and queue in entry[1]:
         entry[1].remove(queue)
         if not entry[1]:
             del state.live[message_id]
     # As in the broker: the first acked copy puts the id in the dedup window.
-    state.acked.setdefault(message_id, int(wall_ms))
+    state.acked.setdefault(message_id, wall_ms)
 
 
 def _fold_dead_letter(state, rest):
@@ -148,8 +155,8 @@ def _fold_purge(state, rest):
         # The record names ids only; the bytes of their publish records bind them, as the
         # broker's purge did (a purged id leaves bound to a digest like an acked one).
         entry = state.live.get(message_id)
-        digest = "" if entry is None else " " + envelope_digest(entry[0]).hex()
-        _fold_ack(state, ("%s %s %s%s" % (message_id, queue, wall_ms, digest)).encode("ascii"))
+        _ack_copy(state, message_id, queue, int(wall_ms),
+                  None if entry is None else envelope_digest(entry[0]))
 
 
 def _fold_requeue(state, rest):
