@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 
-from processes import free_port
+from ciphermq.ports import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_TIMEOUT = 15.0        # seconds for the broker to answer a ping

@@ -8,19 +8,11 @@ at process start-up.
 """
 import multiprocessing
 import queue
-import socket
 import threading
 import time
 
 CLIENT_TIMEOUT = 60.0       # seconds any one client process may take before the run fails
 READY_TICK = 0.5            # seconds between checks that no client died while we wait
-
-
-def free_port():
-    """A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0, read it back)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def rss_mib(pid):

@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 import time
 
-from processes import free_port
+from ciphermq.ports import free_port
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 START_TIMEOUT = 30.0        # seconds for the server to answer PING

@@ -24,22 +24,24 @@ node name, then SIGKILL to the pids recorded in ``cluster.json`` -- each checked
 still be the process we started (its command line names our directory) -- so a
 recycled pid or a system RabbitMQ is never touched.
 
-Readiness is an AMQP login through pika, so pika must be installed.
+Readiness is an AMQP login through pika (so pika must be installed) answered by
+the node's own process: the one holding the socket that listens on its port.
 """
 import contextlib
 import json
 import logging
 import os
-import random
 import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
 
 from .errors import RabbitMQUnavailable
+from .ports import free_ports
 
 log = logging.getLogger(__name__)
 
@@ -74,34 +76,6 @@ def check_installed():
         import pika  # noqa: F401  (only checking that it is importable)
     except ImportError:
         raise RabbitMQUnavailable("pika is not installed: %s" % INSTALL_HINT) from None
-
-
-def free_port():
-    """A TCP port on 127.0.0.1 that was free a moment ago, below the ephemeral range.
-
-    A node binds its ports seconds after they are picked.  A port from bind(0) lies
-    in the kernel's ephemeral range, which every outgoing connection on the machine
-    draws from, so on a busy machine it was sometimes taken by then; a port below
-    that range is only ever taken by someone binding it on purpose.
-    """
-    low = _ephemeral_low()
-    for _ in range(200):
-        port = random.randrange(max(1024, low - 12000), low)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RabbitMQUnavailable("no free port found below %d" % low)
-
-
-def _ephemeral_low():
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as file:
-            return int(file.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
 
 
 class Node:
@@ -165,19 +139,20 @@ class Node:
         self.wrapper_pid = self.server.pid
 
     def wait_ready(self, timeout=START_TIMEOUT):
-        """Block until an AMQP login works; raises RabbitMQUnavailable if the node exits first."""
-        import pika
-        logging.getLogger("pika").setLevel(logging.CRITICAL)    # refusals while it boots
-        params = pika.ConnectionParameters(
-            host="127.0.0.1", port=self.port, connection_attempts=1, socket_timeout=2,
-            blocked_connection_timeout=2)
+        """Block until this node answers an AMQP login; raises RabbitMQUnavailable if the
+        node exits first or ``timeout`` passes.
+
+        A login counts only when the process that answered it is this node's: the
+        Erlang VM named by its pid file holds the socket listening on its port.  A
+        port another server holds would otherwise pass for this node being up.
+        """
         deadline = time.monotonic() + timeout
         while True:
-            try:
-                pika.BlockingConnection(params).close()
-                break
-            except pika.exceptions.AMQPError:
-                pass
+            if self._answers_login():
+                beam_pid = self._recorded_pid()
+                if beam_pid and _holds_listener(beam_pid, self.port):
+                    self.beam_pid = beam_pid
+                    return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise RabbitMQUnavailable("RabbitMQ node %s did not accept AMQP on port %d "
@@ -189,8 +164,26 @@ class Node:
                 continue
             raise RabbitMQUnavailable("RabbitMQ node %s exited with %s during start:\n%s"
                                       % (self.name, code, self.tail_output()))
-        with open(self.pid_file) as pid_file:
-            self.beam_pid = int(pid_file.read().strip())
+
+    def _answers_login(self):
+        import pika
+        logging.getLogger("pika").setLevel(logging.CRITICAL)    # refusals while it boots
+        params = pika.ConnectionParameters(
+            host="127.0.0.1", port=self.port, connection_attempts=1, socket_timeout=2,
+            blocked_connection_timeout=2)
+        try:
+            pika.BlockingConnection(params).close()
+        except pika.exceptions.AMQPError:
+            return False
+        return True
+
+    def _recorded_pid(self):
+        """The Erlang VM's pid from the node's pid file (written early in its boot), or None."""
+        try:
+            with open(self.pid_file) as pid_file:
+                return int(pid_file.read().strip())
+        except (OSError, ValueError):
+            return None
 
     def tail_output(self, limit=2000):
         try:
@@ -209,7 +202,8 @@ class Node:
     def stop(self):
         """Graceful stop via rabbitmqctl, waiting for our recorded pids to end; SIGKILL
         whichever of them is still there after STOP_TIMEOUT."""
-        alive = [pid for pid in (self.beam_pid, self.wrapper_pid)
+        beam_pid = self.beam_pid or self._recorded_pid()    # a start that failed: its file
+        alive = [pid for pid in (beam_pid, self.wrapper_pid)
                  if _is_ours(pid, self.cluster.directory)]
         if not alive:
             return
@@ -238,7 +232,7 @@ class Cluster:
 
     ``base_port`` gives node n the AMQP port ``base_port + n - 1``, and
     ``dist_base_port`` its Erlang distribution port likewise; ports not given
-    are picked free.
+    are picked free, all different (:mod:`ciphermq.ports`).
     Use :meth:`start` and :meth:`stop`, or the :func:`running` context manager.
     """
 
@@ -247,13 +241,20 @@ class Cluster:
         self.directory = os.path.abspath(directory)
         self.home = os.path.join(self.directory, "home")
         self.prefix = prefix
-        self.epmd_port = epmd_port or free_port()
+        fixed = [port for first, count in ((epmd_port, 1), (base_port, size),
+                                           (dist_base_port, size))
+                 if first for port in range(first, first + count)]
+        if len(set(fixed)) < len(fixed):
+            raise RabbitMQUnavailable("the ports given overlap: %s" % sorted(fixed))
+        needed = (not epmd_port) + size * ((not base_port) + (not dist_base_port))
+        picked = iter(free_ports(needed, taken=fixed))      # all different (ports.py)
+        self.epmd_port = epmd_port or next(picked)
         self.epmd = None
         self.epmd_pid = None
         self.nodes = []
         for index in range(1, size + 1):
-            port = base_port + index - 1 if base_port else free_port()
-            dist_port = dist_base_port + index - 1 if dist_base_port else free_port()
+            port = base_port + index - 1 if base_port else next(picked)
+            dist_port = dist_base_port + index - 1 if dist_base_port else next(picked)
             self.nodes.append(Node(self, index, port, dist_port))
 
     @property
@@ -427,6 +428,28 @@ def _is_ours(pid, directory):
     except OSError:
         return False
     return cwd.startswith(directory) or directory.encode() in environ
+
+
+def _holds_listener(pid, port):
+    """True if process ``pid`` holds the socket listening on 127.0.0.1:``port``.
+
+    Linux lists every TCP socket in /proc/net/tcp, a listening one (state 0A)
+    with its inode; /proc/<pid>/fd links to ``socket:[inode]`` for each socket
+    the process holds.  The address there is in the machine's byte order.
+    """
+    address = "%08X:%04X" % (struct.unpack("=I", socket.inet_aton("127.0.0.1"))[0], port)
+    try:
+        with open("/proc/net/tcp") as table:
+            listening = {"socket:[%s]" % fields[9] for fields in map(str.split, table)
+                         if fields[1] == address and fields[3] == "0A"}
+        descriptors = os.listdir("/proc/%d/fd" % pid)
+    except OSError:                     # no /proc, or the process is gone
+        return False
+    for descriptor in descriptors:
+        with contextlib.suppress(OSError):      # closed since the listing
+            if os.readlink("/proc/%d/fd/%s" % (pid, descriptor)) in listening:
+                return True
+    return False
 
 
 def _kill_ours(pid, directory, sig=signal.SIGKILL):

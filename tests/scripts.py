@@ -8,7 +8,6 @@ import json
 import os
 import queue
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -243,13 +242,6 @@ def publish_sealed(address, keys, texts, **envelope_changes):
 
 def queue_stats(server, queue="default_queue"):
     return server.broker.stats()["queues"][queue]
-
-
-def free_port():
-    """A port nothing listens on (just now)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def intact_ids(path):

@@ -5,6 +5,7 @@ every test declares its own exchange and quorum queue.  What the tests look at o
 RabbitMQ's side they read with plain pika, not through the client under test.
 """
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -16,6 +17,7 @@ from rabbitmq import amqp_urls, unavailable
 from ciphermq import rabbitmq_nodes
 from ciphermq.amqp import AmqpClient, Topology, connect, require_pika
 from ciphermq.errors import ConnectionLost, MissingDependency, ServerError
+from ciphermq.ports import free_port
 from ciphermq.urls import Failover, parse_url
 
 WAIT = 10.0
@@ -70,7 +72,7 @@ def next_delivery(client):
 
 def dead_url():
     """An amqp URL where nothing listens (a port that was free a moment ago)."""
-    return parse_url("amqp://127.0.0.1:%d/" % rabbitmq_nodes.free_port())
+    return parse_url("amqp://127.0.0.1:%d/" % free_port())
 
 
 # -- publishing ---------------------------------------------------------------------------
@@ -343,6 +345,23 @@ def test_missing_rabbitmq_fails_under_ci_and_skips_elsewhere(monkeypatch):
     monkeypatch.setenv("CI", "false")
     with pytest.raises(pytest.skip.Exception, match="no rabbitmq-server"):
         unavailable("no rabbitmq-server")
+
+
+@pytest.mark.timeout(rabbitmq_nodes.START_TIMEOUT + 2 * rabbitmq_nodes.STOP_TIMEOUT)
+def test_a_node_whose_port_another_node_answers_is_not_taken_for_ready(rabbitmq, tmp_path):
+    """Readiness means *this* node logs us in: a new node given the port of a running one
+    fails its start with its own exit, though every login on that port succeeds all along
+    (before the readiness check asked who answered, the start raised FileNotFoundError)."""
+    cluster = rabbitmq_nodes.Cluster(tmp_path / "clash", 1, base_port=rabbitmq.nodes[0].port,
+                                     prefix="clash")
+    try:
+        with pytest.raises(rabbitmq_nodes.RabbitMQUnavailable, match="exited with"):
+            cluster.start()
+    finally:
+        cluster.stop()                              # a no-op unless start wrongly succeeded
+    assert not os.path.exists(tmp_path / "clash" / rabbitmq_nodes.STATE_FILE)
+    with connect(Failover([amqp_urls(rabbitmq)[0]]), attempts=1, timeout=WAIT):
+        pass                                        # the running node is untouched
 
 
 # -- the cluster ----------------------------------------------------------------------------

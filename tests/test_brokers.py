@@ -3,12 +3,12 @@ sender's rule that a RabbitMQ nack costs no attempt."""
 import threading
 
 import pytest
-from scripts import free_port
 
 from ciphermq import brokers, sender
 from ciphermq.amqp import Reply
 from ciphermq.errors import ConnectionLost, Nacked, UrlError, UsageError
 from ciphermq.outbox import Outbox, record
+from ciphermq.ports import free_port, free_ports
 from ciphermq.urls import Failover, parse_url
 
 
@@ -25,7 +25,7 @@ def test_connect_any_fails_over_to_the_next_ciphermq_url(server):
 
 def test_connect_any_gives_up_naming_every_url():
     """When no URL answers, ConnectionLost names each one tried."""
-    ports = [free_port(), free_port()]
+    ports = free_ports(2)
     failover = Failover(["ciphermq://127.0.0.1:%d" % port for port in ports])
     with pytest.raises(ConnectionLost) as caught:
         brokers.connect_any(failover, attempts=1, timeout=2)

@@ -2,7 +2,6 @@
 auth and TLS."""
 import contextlib
 import queue
-import socket
 import threading
 
 import pytest
@@ -12,6 +11,7 @@ from ciphermq import access
 from ciphermq import client as clientlib
 from ciphermq.client import Client, Delivery, connect
 from ciphermq.errors import ConnectionLost, ServerError
+from ciphermq.ports import free_port
 from ciphermq.transport import client_tls_context
 
 
@@ -165,10 +165,7 @@ def test_heartbeat_keeps_an_idle_healthy_connection(server, proxy_to, open_clien
 
 def test_connect_retries_then_gives_up(server):
     """connect() retries an unreachable broker the given number of times, then raises."""
-    closed = socket.socket()
-    closed.bind(("127.0.0.1", 0))
-    port = closed.getsockname()[1]
-    closed.close()
+    port = free_port()
     tries = []
     with pytest.raises(ConnectionLost, match="cannot connect"):
         connect("127.0.0.1", port, attempts=3, retry_interval=0.01,

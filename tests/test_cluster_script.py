@@ -9,6 +9,7 @@ from rabbitmq import unavailable
 from scripts import REPO
 
 from ciphermq import rabbitmq_nodes
+from ciphermq.ports import free_ports
 
 SCRIPT = str(REPO / "bin" / "cluster.py")
 
@@ -36,10 +37,9 @@ def test_stop_ends_exactly_the_processes_start_recorded(tmp_path):
     except rabbitmq_nodes.RabbitMQUnavailable as exc:
         unavailable(str(exc))
     directory = tmp_path / "cluster"
-    base = rabbitmq_nodes.free_port()
-    free = rabbitmq_nodes.free_port
+    base, dist, epmd = free_ports(3)
     started = run("start", "--dir", str(directory), "--size", "1", "--base-port", str(base),
-                  "--dist-port", str(free()), "--epmd-port", str(free()))
+                  "--dist-port", str(dist), "--epmd-port", str(epmd))
     assert started.returncode == 0, started.stdout + started.stderr
     assert "amqp://guest:guest@127.0.0.1:%d/" % base in started.stdout
     state = json.loads((directory / "cluster.json").read_text())

@@ -18,6 +18,7 @@ from ciphermq import access, metrics
 from ciphermq.broker import COPY_OVERHEAD
 from ciphermq.config import ServerConfig
 from ciphermq.dashboard import Dashboard, load_page
+from ciphermq.ports import free_port
 from ciphermq.server import BrokerServer
 
 PATHS = ("/", "/api/stats", "/metrics")
@@ -377,9 +378,7 @@ def test_busy_dashboard_port_fails_the_start_and_frees_the_broker_port():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         busy = taken.getsockname()[1]
-        with socket.socket() as probe:      # a free port for the broker, freed again
-            probe.bind(("127.0.0.1", 0))
-            broker_port = probe.getsockname()[1]
+        broker_port = free_port()
         with pytest.raises(OSError, match="dashboard port %d" % busy):
             BrokerServer(ServerConfig(port=broker_port, http_port=busy))
         BrokerServer(ServerConfig(port=broker_port)).server_close()

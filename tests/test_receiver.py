@@ -11,7 +11,6 @@ from conftest import WAIT
 from scripts import (
     PATIENCE,
     assert_exactly_once,
-    free_port,
     intact_ids,
     publish_sealed,
     queue_stats,
@@ -20,6 +19,8 @@ from scripts import (
     script_env,
     sender_args,
 )
+
+from ciphermq.ports import free_port
 
 CRASH_POINTS = ("before-write", "mid-write", "after-write", "after-fsync", "after-ack")
 

@@ -6,7 +6,6 @@ import stat
 import pytest
 from scripts import (
     assert_exactly_once,
-    free_port,
     load_script,
     read_records,
     receiver_args,
@@ -17,6 +16,7 @@ from scripts import (
 from ciphermq import access, checker
 from ciphermq import keys as keyfiles
 from ciphermq.outbox import Outbox
+from ciphermq.ports import free_port
 
 TEST_MESSAGE = load_script("Sender").TEST_MESSAGE
 
