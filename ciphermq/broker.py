@@ -35,11 +35,9 @@ disconnect, consumer timeout, the timeout of a pulled or skipped message);
 
 Every message id is bound to its envelope for as long as the broker knows the
 id: the same id with the same bytes is a duplicate, re-ACKed; with different
-bytes it is refused (:meth:`Broker._bound_to_same`).  While a copy is queued or
-in flight the id is bound to the envelope bytes themselves (``_live``), which
-the broker keeps anyway; when its first copy is acked the id enters the dedup
-window with a 16-byte digest of them (``_acked_digests``, also written in the
-ack's journal record), since the bytes are then let go.
+bytes it is refused.  An id is live while a copy is queued or in flight, then
+acked within the dedup window, then forgotten: :mod:`ciphermq.ids` owns that
+life (:class:`~ciphermq.ids.MessageIds`, ``Broker._ids``).
 
 With a :class:`~ciphermq.journal.Journal` attached, every change that must
 survive a crash is appended to it under the mutex (a memory append; the disk
@@ -56,6 +54,8 @@ import time
 
 from . import recovery
 from .errors import BrokerError
+from .ids import MessageIds
+from .queues import DEAD_SUFFIX, Consumer, Delivery, GiveBack, Message, Queue, Session
 from .routing import Exchange
 
 log = logging.getLogger(__name__)
@@ -63,159 +63,18 @@ log = logging.getLogger(__name__)
 DEFAULT_EXCHANGE = "default_exchange"
 DEFAULT_QUEUE = "default_queue"
 DEFAULT_KEY = "default_key"
-DEAD_SUFFIX = ".dead"
 #: ``stats`` without a queue name lists at most this many queues (the totals cover all).
 STATS_MAX_QUEUES = 100
 #: What ``max_memory`` charges a queued copy besides its envelope bytes: the broker's own
-#: objects for it (its Message, the id, its ``_live`` entry and queue slot: about 230 bytes
-#: for a published message, 90 for each further fanout copy, by tracemalloc).  Without it a
-#: flood of small envelopes held twice ``max_memory``
+#: objects for it (its Message, the id, its ``MessageIds.live`` entry and queue slot: about
+#: 230 bytes for a published message, 90 for each further fanout copy, by tracemalloc).
+#: Without it a flood of small envelopes held twice ``max_memory``
 #: (tests/test_bounds.py::test_memory_bound_charges_what_a_queued_copy_really_costs).
 COPY_OVERHEAD = 256
 #: A mass give-back (a disconnect, a consumer timeout, many deliveries overdue at once)
 #: puts back at most this many messages per hold of the mutex: a neighbour's command waits
 #: for one chunk (about 0.1 ms), not for all of a connection's 10,000 (about 5 ms).
 REQUEUE_CHUNK = 256
-
-
-class Message:
-    """One copy of a message in one queue.
-
-    Only what a copy keeps while it waits in its queue: a broker with a long
-    backlog holds one of these per queued copy (80 bytes on 64-bit CPython
-    3.11).  While it is in flight, its hand-over is a :class:`Delivery`.
-    """
-
-    __slots__ = ("id", "body", "queue", "deliveries", "returns", "reason")
-
-    def __init__(self, message_id, body, queue, reason=None):
-        self.id = message_id
-        self.body = body            # the envelope JSON as bytes, shared by all copies
-        self.queue = queue
-        self.deliveries = 0         # times pushed to a consumer or pulled by consume()
-        self.returns = 0            # times given back: nack, disconnect, timeouts (see module)
-        self.reason = reason        # why it is in a dead-letter queue (None elsewhere)
-
-
-class Delivery:
-    """One hand-over of a message to a session, from push or fetch to ack or give-back.
-
-    ``Session.held`` maps each id it holds to one of these; a message given
-    back and handed over again gets a new one.
-    """
-
-    __slots__ = ("message", "consumer", "handed_at", "deadline", "seq", "pushed_again",
-                 "push_lost")
-
-    def __init__(self, message, consumer, handed_at, deadline, seq):
-        self.message = message
-        self.consumer = consumer    # the Consumer it was pushed to (None when pulled)
-        self.handed_at = handed_at  # clock() of the hand-over
-        self.deadline = deadline    # when it is taken back if still unacked
-        self.seq = seq              # the broker's hand-over count at this hand-over
-        self.pushed_again = False   # already pushed once more to this stalled consumer
-        self.push_lost = False      # chaos mode lost its push: a timeout is a plain redelivery
-
-
-class GiveBack:
-    """Deliveries given back together, not yet all back in their queues.
-
-    ``deliveries`` is oldest first; they are put back from its end, newest first, each
-    at the front of its queue, so once all are back they are at the front oldest first,
-    exactly as if put back in one step (:meth:`Broker._put_back`).  One that is given
-    back while others wait in ``Broker._giving_back`` is there until a chunk takes it:
-    it belongs to no session (nobody can ack it), is not ready (nobody is handed it),
-    still counts as unacked in its queue, and is in the journal's snapshots as in flight.
-    """
-
-    __slots__ = ("deliveries", "reason", "requeued", "dead_lettered", "first_requeued",
-                 "first_dead")
-
-    def __init__(self, deliveries, reason):
-        self.deliveries = deliveries
-        self.reason = reason            # for the summary line: "connection closed", ...
-        self.requeued = self.dead_lettered = 0
-        self.first_requeued = None      # (id, queue) of the oldest put back so far
-        self.first_dead = None          # (id, dead queue, returns) likewise
-
-    def summarise(self, events):
-        """At most two log events for the whole give-back, however many messages."""
-        if self.dead_lettered:
-            events.append((logging.WARNING, "%d message(s) dead-lettered (first: %s to %s, "
-                           "given back %d times)", (self.dead_lettered,) + self.first_dead))
-        if self.requeued:
-            events.append((logging.INFO, "%d message(s) requeued for redelivery (%s; "
-                           "first: %s to %s)", (self.requeued, self.reason)
-                           + self.first_requeued))
-
-
-class Queue:
-    """A FIFO of ready messages plus the consumers competing for them."""
-
-    __slots__ = ("name", "ready", "unacked", "consumers", "next_consumer")
-
-    def __init__(self, name):
-        self.name = name
-        self.ready = collections.deque()
-        self.unacked = 0            # copies delivered and not yet acked (in some Session.held)
-        self.consumers = []
-        self.next_consumer = 0      # round-robin position
-
-    def __len__(self):
-        return len(self.ready) + self.unacked
-
-    @property
-    def is_dead_letter_queue(self):
-        return self.name.endswith(DEAD_SUFFIX)
-
-
-class Consumer:
-    """One ``consume`` subscription: a session's claim on one queue."""
-
-    __slots__ = ("session", "queue", "prefetch", "in_flight")
-
-    def __init__(self, session, queue, prefetch):
-        self.session = session
-        self.queue = queue
-        self.prefetch = prefetch    # 0 = unlimited
-        self.in_flight = 0
-
-    def has_room(self):
-        return self.prefetch == 0 or self.in_flight < self.prefetch
-
-
-class Session:
-    """The broker's view of one client connection.
-
-    ``pushes`` holds deliveries decided under the broker mutex but not yet
-    written.  They are written after the lock is released, in one of two ways:
-
-    * at once, by the thread that caused them, through ``write_pushes`` -- the
-      callback the connection gave :meth:`Broker.open_session` (see
-      :meth:`Broker.publish_many`);
-    * by the connection's delivery thread, which waits on ``has_pushes``: a
-      Condition on the broker mutex, notified when ``pushes`` stops being
-      empty, when :meth:`Broker.call_writer` asks for the thread, or when the
-      session closes.
-    """
-
-    def __init__(self, name, mutex, write_pushes=None, hang_up=None, now=0.0):
-        self.name = name
-        #: The connection's callback: write ``pushes`` now, never blocking.
-        #: Called without any broker lock, by whoever made pushes.
-        self.write_pushes = write_pushes
-        #: The connection's callback to close it (consumer timeout); called
-        #: without any broker lock, by the redelivery timer's thread.
-        self.hang_up = hang_up
-        self.heard_at = now         # clock() of its last ack, nack, reject, fetch or consume
-        self.stalled = False        # silent since a push fell due (see the module docstring)
-        self.progress = 0           # highest Message.seq it acked, nacked or rejected
-        self.held = {}              # message id -> its Delivery, not acked yet, in order
-        self.consumers = {}         # queue name -> Consumer
-        self.pushes = []            # (message_id, body, delivery_count) to write
-        self.has_pushes = threading.Condition(mutex)
-        self.writer_called = False  # call_writer(): the delivery thread must look
-        self.closed = False
 
 
 class Broker:
@@ -247,26 +106,21 @@ class Broker:
         self.max_memory = max_memory    # bytes queued, every copy counted (COPY_OVERHEAD)
         self.max_unacked = max_unacked  # messages one session may hold unacked
         self._queued_bytes = 0      # envelope bytes + COPY_OVERHEAD of every copy not acked
-        self.dedup_window = dedup_window
-        self.dedup_max_ids = dedup_max_ids
         self.clock = clock
         self.wall_clock = wall_clock
         self.journal = journal
         #: The one broker lock.  Guards every attribute below, every Queue,
-        #: Exchange, Consumer and Session.  Conditions sharing it: each
+        #: Exchange, Consumer and Session, and ``_ids`` (a MessageIds, which
+        #: takes no lock of its own).  Conditions sharing it: each
         #: Session.has_pushes.  Lock order: a connection's send_lock may be
         #: held while taking this mutex, never the other way round.
         self.mutex = threading.Lock()
         self._queues = {}
         self._exchanges = {}
         self._sessions = set()
-        self._live = {}             # message id -> its envelope, while a copy is not acked
-        self._fanout = {}           # id in _live -> copies not yet acked, only if more than 1
-        self._acked_at = {}         # message id -> clock() of its first ack
-        self._acked_order = collections.deque()   # ids in _acked_at, oldest first
-        self._acked_digests = {}    # id in _acked_at -> recovery.envelope_digest(body)
+        #: Every known message id: live, then acked in the dedup window (ciphermq/ids.py).
+        self._ids = MessageIds(dedup_window, dedup_max_ids, clock)
         self._handovers = 0         # deliveries made so far: each one's Message.seq
-        self._live_bytes = 0        # envelope bytes of live messages (compaction rule)
         self._new_pushes = []       # sessions whose pushes stopped being empty in this call
         #: GiveBacks too large for one hold, oldest first; the head is being put back a
         #: chunk at a time by the threads that gave them back (see _put_back_pending).
@@ -369,8 +223,9 @@ class Broker:
         every publish: between two publishes of a run only that queue's
         ready list grew (test_a_batch_is_delivered_and_acked_exactly_as_one_at_a_time).
         """
-        if message_id in self._live or message_id in self._acked_at:
-            if not self._bound_to_same(message_id, body):
+        ids = self._ids             # a known id is tested here, inline: publish's hot path
+        if message_id in ids.live or message_id in ids.acked_at:
+            if not ids.bound_to_same(message_id, body):
                 raise BrokerError("message_id %s already used for different content"
                                   % message_id)
             self.totals["duplicates"] += 1
@@ -388,10 +243,7 @@ class Broker:
         if self._queued_bytes + cost > self.max_memory:
             raise BrokerError("broker memory limit reached")
         self._queued_bytes += cost
-        self._live[message_id] = body
-        if len(queues) > 1:
-            self._fanout[message_id] = len(queues)
-        self._live_bytes += len(body)
+        ids.bind(message_id, body, len(queues))
         self.totals["published"] += 1
         if self.journal is not None:
             self.journal.append(recovery.publish_record(
@@ -541,7 +393,7 @@ class Broker:
         was_full = len(session.held) >= self.max_unacked
         delivery = session.held.pop(message_id, None)
         if delivery is None:
-            if message_id in self._acked_at:
+            if message_id in self._ids.acked_at:
                 return False
             raise BrokerError("message '%s' is not delivered to this connection" % message_id)
         if delivery.seq > session.progress:
@@ -553,7 +405,7 @@ class Broker:
         self._dispatch(message.queue)
         if was_full:
             self._dispatch_consumers_of(session)
-        if self.journal is not None and self.journal.wants_compaction(self._live_bytes):
+        if self.journal is not None and self.journal.wants_compaction(self._ids.live_bytes):
             self.journal.request_compaction()
         return True
 
@@ -715,7 +567,7 @@ class Broker:
                     next_due = min(next_due, silent_since + self.consumer_timeout)
                 next_due = min(next_due, self._take_back_overdue(session, now, silent_since,
                                                                  events, give_backs))
-            self._expire_acked(now)
+            self._ids.expire(now)
             self._notify_writers()
         _log_events(events)
         for give_back in give_backs:
@@ -786,34 +638,18 @@ class Broker:
                     if exchange in self._exchanges and queue in self._queues:
                         self._bindings += self._exchanges[exchange].bind(key, self._queues[queue])
                 for message_id, (body, names) in state.live.items():
-                    self._live[message_id] = body
-                    if len(names) > 1:
-                        self._fanout[message_id] = len(names)
-                    self._live_bytes += len(body)
+                    self._ids.bind(message_id, body, len(names))
                     self._queued_bytes += (len(body) + COPY_OVERHEAD) * len(names)
                     for name in names:
                         queue = self._declare_queue(name)
                         reason = state.reasons.get(message_id) \
                             if queue.is_dead_letter_queue else None
                         queue.ready.append(Message(message_id, body, queue, reason))
-                self._restore_acked(state.acked, state.acked_digests)
+                self._ids.restore_acked(state.acked, state.acked_digests,
+                                        self.clock(), self.wall_clock() * 1000)
             finally:
                 self.journal = journal
             return len(state.live)
-
-    def _restore_acked(self, acked, digests):
-        """Acked ids with wall-clock ack times back into the (monotonic) dedup window."""
-        now, wall_now_ms = self.clock(), self.wall_clock() * 1000
-        for message_id, wall_ms in sorted(acked.items(), key=lambda item: item[1]):
-            age = max(0.0, (wall_now_ms - wall_ms) / 1000)
-            if age < self.dedup_window and message_id not in self._acked_at:
-                self._acked_at[message_id] = now - age
-                self._acked_order.append(message_id)
-                digest = digests.get(message_id)
-                if digest is not None:
-                    self._acked_digests[message_id] = digest
-        while len(self._acked_order) > self.dedup_max_ids:
-            self._forget_id(self._acked_order.popleft())
 
     def snapshot_to_journal(self):
         """Journal compaction callback: hand the journal a snapshot and a cut, atomically."""
@@ -834,12 +670,7 @@ class Broker:
                 entry[1].append(message.queue.name)
                 if message.reason is not None:
                     state.reasons[message.id] = message.reason
-            now, wall_now_ms = self.clock(), int(self.wall_clock() * 1000)
-            for message_id in self._acked_order:
-                age_ms = int((now - self._acked_at[message_id]) * 1000)
-                state.acked[message_id] = wall_now_ms - age_ms
-                if message_id in self._acked_digests:
-                    state.acked_digests[message_id] = self._acked_digests[message_id]
+            self._ids.snapshot_acked(state, self.clock(), int(self.wall_clock() * 1000))
             self.journal.cut(recovery.snapshot_records(state))
 
     # -- reading ------------------------------------------------------------
@@ -1116,57 +947,15 @@ class Broker:
                            (message.id, dead.name, reason)))
         return dead
 
-    def _bound_to_same(self, message_id, body):
-        """Is a known id bound to these envelope bytes?  What an id is bound to, in one place.
-
-        A live id (a copy queued or in flight) is compared with its envelope
-        itself; an acked one (in the dedup window) with the digest taken at its
-        first ack.  An id acked before digests were journaled has none: any
-        bytes count as the same (dedup by id alone, as then).
-        """
-        live_body = self._live.get(message_id)
-        if live_body is not None:
-            return live_body == body
-        digest = self._acked_digests.get(message_id)
-        return digest is None or digest == recovery.envelope_digest(body)
-
     def _forget_copy(self, message, journal=True):
-        """One copy acked (or purged).  The first puts the id in the dedup window, bound to
-        a digest of its envelope; the last ends its life (it leaves ``_live``)."""
+        """One copy acked (or purged): its id moves on (MessageIds.settle_copy), its
+        ack is journaled with the digest the id stays bound to, its bytes are freed."""
         message_id = message.id
-        if message_id in self._acked_at:
-            digest = self._acked_digests.get(message_id)
-        else:
-            # Hashed under the mutex, once per id: about 1 us for a 537-byte envelope,
-            # 6 ms at the 4 MiB line limit.  (Hashing at publish, outside the lock, would
-            # mean keeping the digest beside the envelope all the time it is queued.)
-            digest = recovery.envelope_digest(message.body)
-            self._acked_at[message_id] = self.clock()
-            self._acked_digests[message_id] = digest
-            self._acked_order.append(message_id)
-            if len(self._acked_order) > self.dedup_max_ids:
-                self._forget_id(self._acked_order.popleft())
+        digest = self._ids.settle_copy(message_id, message.body)
         if journal and self.journal is not None:
             self.journal.append(recovery.ack_record(message_id, message.queue.name,
                                                     int(self.wall_clock() * 1000), digest))
         self._queued_bytes -= len(message.body) + COPY_OVERHEAD
-        left = self._fanout.pop(message_id, 1) - 1
-        if left > 1:
-            self._fanout[message_id] = left
-        elif not left:
-            del self._live[message_id]
-            self._live_bytes -= len(message.body)
-
-    def _expire_acked(self, now):
-        order, acked_at = self._acked_order, self._acked_at
-        cutoff = now - self.dedup_window
-        while order and acked_at[order[0]] <= cutoff:
-            self._forget_id(order.popleft())
-
-    def _forget_id(self, message_id):
-        """An id leaves the dedup window, with its digest."""
-        del self._acked_at[message_id]
-        self._acked_digests.pop(message_id, None)
 
 
 def _refusal(exc):

@@ -83,10 +83,10 @@ MUTANTS = [
            "only the connection a message was delivered to may ack it",
            (("ciphermq/broker.py",
              "        delivery = session.held.pop(message_id, None)\n        if delivery is None:\n"
-             "            if message_id in self._acked_at:",
+             "            if message_id in self._ids.acked_at:",
              "        holder = next((s for s in self._sessions if message_id in s.held), session)\n"
              "        delivery = holder.held.pop(message_id, None)\n        if delivery is None:\n"
-             "            if message_id in self._acked_at:"),),
+             "            if message_id in self._ids.acked_at:"),),
            ("tests/test_server.py::test_foreign_ack_is_refused_and_changes_nothing",
             "tests/test_broker.py::test_ack_rules")),
     Mutant("stale-ack-accepted",
@@ -99,8 +99,8 @@ MUTANTS = [
     Mutant("dedup-forgotten",
            "a re-published id already acked within the dedup window is not stored again",
            (("ciphermq/broker.py",
-             "        if message_id in self._live or message_id in self._acked_at:",
-             "        if message_id in self._live:"),),
+             "        if message_id in ids.live or message_id in ids.acked_at:",
+             "        if message_id in ids.live:"),),
            ("tests/test_broker.py::test_duplicate_of_an_acked_message_within_window_is_not_requeued",)),
     Mutant("acked-id-unbound-after-restart",
            "an acked id stays bound to its envelope across a restart (its digest is journaled)",
