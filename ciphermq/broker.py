@@ -101,11 +101,8 @@ class Broker:
         self.max_queues = max_queues
         self.max_exchanges = max_exchanges
         self.max_bindings = max_bindings
-        self._bindings = 0          # over all exchanges, for max_bindings
-        self._declared = 0          # queues counted by max_queues (see _declare_queue)
         self.max_memory = max_memory    # bytes queued, every copy counted (COPY_OVERHEAD)
         self.max_unacked = max_unacked  # messages one session may hold unacked
-        self._queued_bytes = 0      # envelope bytes + COPY_OVERHEAD of every copy not acked
         self.clock = clock
         self.wall_clock = wall_clock
         self.journal = journal
@@ -115,12 +112,15 @@ class Broker:
         #: Session.has_pushes.  Lock order: a connection's send_lock may be
         #: held while taking this mutex, never the other way round.
         self.mutex = threading.Lock()
+        self._bindings = 0          # over all exchanges, for max_bindings
+        self._declared = 0          # queues counted by max_queues (see _declare_queue)
+        self._queued_bytes = 0      # envelope bytes + COPY_OVERHEAD of every copy not acked
         self._queues = {}
         self._exchanges = {}
         self._sessions = set()
         #: Every known message id: live, then acked in the dedup window (ciphermq/ids.py).
         self._ids = MessageIds(dedup_window, dedup_max_ids, clock)
-        self._handovers = 0         # deliveries made so far: each one's Message.seq
+        self._handovers = 0         # hand-overs made so far: each one's Delivery.seq
         self._new_pushes = []       # sessions whose pushes stopped being empty in this call
         #: GiveBacks too large for one hold, oldest first; the head is being put back a
         #: chunk at a time by the threads that gave them back (see _put_back_pending).

@@ -148,7 +148,7 @@ class Session:
         self.hang_up = hang_up
         self.heard_at = now         # clock() of its last ack, nack, reject, fetch or consume
         self.stalled = False        # silent since a push fell due (see broker.py's docstring)
-        self.progress = 0           # highest Message.seq it acked, nacked or rejected
+        self.progress = 0           # highest Delivery.seq it acked, nacked or rejected
         self.held = {}              # message id -> its Delivery, not acked yet, in order
         self.consumers = {}         # queue name -> Consumer
         self.pushes = []            # (message_id, body, delivery_count) to write
