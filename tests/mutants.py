@@ -102,6 +102,14 @@ MUTANTS = [
              "        if message_id in ids.live or message_id in ids.acked_at:",
              "        if message_id in ids.live:"),),
            ("tests/test_broker.py::test_duplicate_of_an_acked_message_within_window_is_not_requeued",)),
+    Mutant("acked-id-unbound",
+           "an id acked within the dedup window stays bound to its envelope: other bytes are "
+           "refused",
+           (("ciphermq/ids.py",
+             "            self.acked_at[message_id] = self.clock()\n"
+             "            self.digests[message_id] = digest\n",
+             "            self.acked_at[message_id] = self.clock()\n"),),
+           ("tests/test_ids.py::test_after_the_first_ack_the_id_stays_bound_by_its_digest",)),
     Mutant("acked-id-unbound-after-restart",
            "an acked id stays bound to its envelope across a restart (its digest is journaled)",
            (("ciphermq/broker.py",
