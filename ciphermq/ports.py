@@ -8,6 +8,8 @@ node), so two rules keep the pick good until then:
   on a busy machine it was sometimes taken by the time the server bound it, and
   a client retrying a port nothing listens on could even connect to itself.  A
   port below that range is only ever taken by someone binding it on purpose.
+  (On a machine whose range starts at 1024 there is no room below it, and the
+  kernel picks.)
 * **distinct.**  Each port is checked by binding it, so picking one at a time
   may hand out the same port twice once the first probe is closed.  Asked for
   several at once, :func:`free_ports` holds every probe open until all are
@@ -33,9 +35,8 @@ def free_ports(count, taken=()):
         for _ in range(ATTEMPTS * count):
             if len(chosen) == count:
                 break
-            port = random.randrange(max(1024, low - SPAN), low)
-            if port in taken:
-                continue
+            # No room below the range (it starts at 1024): the kernel picks, from within it.
+            port = random.randrange(max(1024, low - SPAN), low) if low > 1024 else 0
             probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
                 probe.bind(("127.0.0.1", port))
@@ -43,7 +44,9 @@ def free_ports(count, taken=()):
                 probe.close()
                 continue
             held.callback(probe.close)
-            chosen.append(port)
+            port = probe.getsockname()[1]
+            if port not in taken:
+                chosen.append(port)
     if len(chosen) == count:
         return chosen
     raise OSError("no %d free port(s) found below %d" % (count, low))

@@ -43,6 +43,16 @@ def test_ports_lie_below_the_ephemeral_range_and_none_is_bound_afterwards():
         socket.create_server(("127.0.0.1", port)).close()
 
 
+def test_a_machine_whose_ephemeral_range_starts_at_1024_still_gets_different_ports(
+        monkeypatch):
+    """With no room below the ephemeral range, the kernel picks: still free, still all
+    different, still clear of ``taken``."""
+    monkeypatch.setattr(ports, "_ephemeral_low", lambda: 1024)
+    taken = ports.free_ports(1)
+    picked = ports.free_ports(20, taken=taken)
+    assert len(set(picked)) == 20 and not set(picked) & set(taken)
+
+
 def test_running_out_of_tries_is_an_error_not_a_repeat(monkeypatch):
     """When the draw keeps returning one port, asking for two fails instead of repeating it."""
     only = ports.free_port()
