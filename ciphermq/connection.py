@@ -187,7 +187,8 @@ class Connection(socketserver.BaseRequestHandler):
             return True
         try:
             self.transport = TlsTransport(self.sock, self.server.tls_context, server_side=True,
-                                          handshake_timeout=self.config.auth_timeout)
+                                          handshake_timeout=self.config.auth_timeout,
+                                          clock=self.clock)
         except (TransportError, OSError) as exc:
             log.info("Dropping %s: %s", self.peer, exc)
             return False

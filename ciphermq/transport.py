@@ -125,7 +125,7 @@ class TlsTransport(PlainTransport):
     reads_take_send_lock = True
 
     def __init__(self, sock, context, *, server_side, server_hostname=None,
-                 handshake_timeout=10.0):
+                 handshake_timeout=10.0, clock=time.monotonic):
         super().__init__(sock)
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
@@ -134,12 +134,16 @@ class TlsTransport(PlainTransport):
         #: Guards _tls and both BIOs: memory work only, never held across socket I/O.
         self._tls_lock = threading.Lock()
         self._early = b""           # plaintext that came with the peer's last handshake bytes
-        self._handshake(handshake_timeout)
+        self._handshake(handshake_timeout, clock)
         self.tls_name = _certificate_name(self._tls.getpeercert())
 
-    def _handshake(self, timeout):
-        """Single-threaded: nobody else uses the connection yet, so no lock is needed."""
-        deadline = time.monotonic() + timeout
+    def _handshake(self, timeout, clock):
+        """Single-threaded: nobody else uses the connection yet, so no lock is needed.
+
+        ``timeout`` is measured on ``clock``: the broker passes its own, so the
+        handshake's deadline runs on the same clock as every other deadline.
+        """
+        deadline = clock() + timeout
         got_any = False
         while True:
             try:
@@ -151,7 +155,7 @@ class TlsTransport(PlainTransport):
                 self._write_outgoing()      # send the alert, if any
                 raise TransportError("TLS handshake failed: %s" % exc) from None
             self._write_outgoing()
-            if time.monotonic() > deadline:
+            if clock() > deadline:
                 raise TransportError("TLS handshake timed out")
             try:
                 data = self.sock.recv(RECV_BYTES)

@@ -137,6 +137,27 @@ class HandshakeDribbler(Dribbler):
             self.dropped.set()
 
 
+def test_tls_handshake_deadline_runs_on_the_servers_clock(start_server, certs):
+    """The TLS handshake is bounded by --auth-timeout on the server's clock, like every other
+    deadline: half a ClientHello is dropped once that clock passes 30 s, seconds before the
+    real clock could."""
+    trusted = certs[0]
+    clock = FakeClock()
+    server = start_server(tls_cert=str(trusted / "server.pem"),
+                          tls_key=str(trusted / "server.key"), auth_timeout=30.0, clock=clock)
+    tls = ssl.create_default_context(cafile=str(trusted / "ca.pem"))
+    outgoing = ssl.MemoryBIO()
+    hello = tls.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        hello.do_handshake()
+    client_hello = outgoing.read()
+    with socket.create_connection(server.address, timeout=WAIT) as sock:
+        sock.sendall(client_hello[:len(client_hello) // 2])
+        assert clock.wait_for_reads(3), "the handshake never looked at the clock"
+        clock.advance(31)
+        assert sock.recv(100) == b"", "half a handshake outlived --auth-timeout"
+
+
 def test_tls_handshake_dribbled_is_dropped_at_the_login_deadline(start_server, certs):
     """A TLS ClientHello fed one byte every 0.4 s is cut off at --auth-timeout (plus a tick)."""
     trusted = certs[0]
