@@ -146,9 +146,14 @@ class Node:
         Erlang VM named by its pid file holds the socket listening on its port.  A
         port another server holds would otherwise pass for this node being up.
         """
+        import pika
+        logging.getLogger("pika").setLevel(logging.CRITICAL)    # refusals while it boots
+        params = pika.ConnectionParameters(
+            host="127.0.0.1", port=self.port, connection_attempts=1, socket_timeout=2,
+            blocked_connection_timeout=2)
         deadline = time.monotonic() + timeout
         while True:
-            if self._answers_login():
+            if _answers_login(params):
                 beam_pid = self._recorded_pid()
                 if beam_pid and _holds_listener(beam_pid, self.port):
                     self.beam_pid = beam_pid
@@ -164,18 +169,6 @@ class Node:
                 continue
             raise RabbitMQUnavailable("RabbitMQ node %s exited with %s during start:\n%s"
                                       % (self.name, code, self.tail_output()))
-
-    def _answers_login(self):
-        import pika
-        logging.getLogger("pika").setLevel(logging.CRITICAL)    # refusals while it boots
-        params = pika.ConnectionParameters(
-            host="127.0.0.1", port=self.port, connection_attempts=1, socket_timeout=2,
-            blocked_connection_timeout=2)
-        try:
-            pika.BlockingConnection(params).close()
-        except pika.exceptions.AMQPError:
-            return False
-        return True
 
     def _recorded_pid(self):
         """The Erlang VM's pid from the node's pid file (written early in its boot), or None."""
@@ -428,6 +421,15 @@ def _is_ours(pid, directory):
     except OSError:
         return False
     return cwd.startswith(directory) or directory.encode() in environ
+
+
+def _answers_login(params):
+    import pika
+    try:
+        pika.BlockingConnection(params).close()
+    except pika.exceptions.AMQPError:
+        return False
+    return True
 
 
 def _holds_listener(pid, port):

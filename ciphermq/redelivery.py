@@ -23,7 +23,7 @@ class RedeliveryTimer:
     #: Never wake more often than this, however close deadlines are.
     MIN_WAIT = 0.005
 
-    def __init__(self, broker, turns=None):
+    def __init__(self, broker, turns):
         self._broker = broker
         #: The server's Turns (ciphermq/turns.py): a give-back too large for one hold of
         #: the broker mutex steps aside between chunks for a short read, as a reader does.
@@ -53,6 +53,4 @@ class RedeliveryTimer:
     def _retry(self):
         """One pass of retry_unacknowledged; a pass that puts messages back in chunks steps
         aside between two of them for a short read, as a reader does (ciphermq/turns.py)."""
-        if self._turns is None:
-            return self._broker.retry_unacknowledged()
         return self._broker.retry_unacknowledged(between_chunks=between_chunks(self._turns))
